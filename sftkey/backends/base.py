@@ -87,11 +87,17 @@ class Backend:
     def forward(self, head: Head, topk: int = 0) -> Stats:
         raise NotImplementedError
 
-    def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs):
-        """Return ``(dx, dw, db)`` for the upstream ``grads``; an entry is None where not needed."""
+    def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs,
+                 filter_eps: Optional[float] = None):
+        """Return ``(dx, dw, db)`` for the upstream ``grads``; an entry is None where not needed.
+
+        Only ``stats.lse`` and ``stats.expected_logit`` are read (so a caller may pass global
+        values for a vocabulary shard). ``filter_eps``: skip the dense products of tiles whose
+        probabilities are all below it (None: exact)."""
         raise NotImplementedError
 
-    def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0):
+    def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
+                    filter_eps: Optional[float] = None):
         """Return ``(loss, stats, dx, dw, db)`` for a scalar loss given block by block.
 
         This generic version runs the forward over all rows, takes the loss's gradients on
@@ -99,5 +105,5 @@ class Backend:
         """
         stats = self.forward(head, topk)
         loss, grads = block_loss(slice(None), stats)
-        dx, dw, db = self.backward(head, stats, grads, needs)
+        dx, dw, db = self.backward(head, stats, grads, needs, filter_eps)
         return loss, stats, dx, dw, db
