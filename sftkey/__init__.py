@@ -1,0 +1,16 @@
+"""sftkey: fused linear cross-entropy for LLM fine-tuning, without the N x V logits."""
+from . import reference
+from .api import LinearCrossEntropyLoss, LogitStats, LossStats, linear_cross_entropy, logit_stats
+from .config import set_chunk_budget
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearCrossEntropyLoss",
+    "LogitStats",
+    "LossStats",
+    "linear_cross_entropy",
+    "logit_stats",
+    "reference",
+    "set_chunk_budget",
+]

@@ -1,0 +1,259 @@
+"""Public API: check, flatten, shift, dispatch to a backend through the autograd Functions."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import validation
+from .autograd import SinglePassFunction, StatsFunction
+from .backends import get_backend
+from .backends.base import Stats
+from .loss import LossOptions, block_loss_fn, denominator, reduce, token_losses
+
+MAX_TOPK = 8
+
+
+class LossStats(NamedTuple):
+    """Per-token statistics returned with ``return_stats=True``, each shaped like ``targets``:
+    ``lse``, ``entropy``, ``target_logprob`` (0 on ignored tokens) and ``correct`` (bool:
+    argmax equals the target; False on ignored tokens). Detached."""
+
+    lse: Tensor
+    entropy: Tensor
+    target_logprob: Tensor
+    correct: Tensor
+
+
+@dataclass(frozen=True)
+class LogitStats:
+    """Differentiable per-token statistics of the logits, each shaped like ``targets``
+    (``topk``: ``[..., k]``). ``valid`` marks the non-ignored tokens."""
+
+    lse: Tensor
+    target_logit: Tensor
+    expected_logit: Tensor
+    weighted_logit_sum: Tensor
+    argmax: Tensor
+    topk: Optional[Tensor]
+    valid: Tensor
+
+    @property
+    def target_logprob(self) -> Tensor:
+        """``log p_y = z_y - lse`` (0 on ignored tokens)."""
+        return torch.where(self.valid, self.target_logit - self.lse, torch.zeros_like(self.lse))
+
+    @property
+    def entropy(self) -> Tensor:
+        """``H = lse - sum_j p_j z_j``."""
+        return self.lse - self.expected_logit
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated inputs, flattened to ``N`` tokens: ``x [N, D]``, ``w [V, D]``, ``b [V]``,
+    ``y [N]`` int64 (``-1`` = ignored), ``c [V]`` class weights; weights in the
+    accumulation dtype (float64 for float64 inputs, else float32)."""
+
+    x: Tensor
+    w: Tensor
+    b: Optional[Tensor]
+    y: Tensor
+    c: Optional[Tensor]
+    softcap: Optional[float]
+    opts: LossOptions
+    shape: torch.Size
+    device_type: str
+
+    @property
+    def acc(self) -> torch.dtype:
+        """The accumulation dtype: float64 for float64 inputs, else float32."""
+        return torch.float64 if self.x.dtype == torch.float64 else torch.float32
+
+    def autocast_off(self):
+        """Keep an enclosing ``torch.autocast`` from re-casting the backends' products."""
+        if torch.is_autocast_enabled(self.device_type):
+            return torch.autocast(self.device_type, enabled=False)
+        return contextlib.nullcontext()
+
+
+def _shift(t: Tensor, fill) -> Tensor:
+    """Position ``t`` takes the entry of ``t + 1``; the last position gets ``fill``."""
+    return torch.cat([t[..., 1:], torch.full_like(t[..., :1], fill)], dim=-1)
+
+
+def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Cast to the autocast dtype exactly as ``F.linear`` would; gradients flow back in the
+    inputs' own dtypes."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def prepare(hidden, weight, targets, *, bias=None, token_weights=None, entropy_weights=None,
+            class_weights=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+            dft=False, reduction="mean", normalizer=None, shift=False, backend="auto",
+            filter_eps=None) -> Prepared:
+    """Check every argument, apply autocast and ``shift``, flatten to ``N`` tokens."""
+    autocast = torch.is_autocast_enabled(hidden.device.type) if isinstance(hidden, Tensor) else False
+    validation.check_head(hidden, weight, targets, bias, autocast=autocast)
+    V = weight.shape[0]
+    validation.check_options(
+        targets, V, token_weights=token_weights, entropy_weights=entropy_weights,
+        class_weights=class_weights, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, reduction=reduction, normalizer=normalizer, shift=shift,
+        backend=backend, filter_eps=filter_eps)
+    validation.check_targets_range(targets, V, ignore_index)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    if bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)
+    if shift:
+        targets = _shift(targets, ignore_index)
+        if token_weights is not None:
+            token_weights = _shift(token_weights, 0)
+        if isinstance(entropy_weights, Tensor) and entropy_weights.dim() > 0:
+            entropy_weights = _shift(entropy_weights, 0)
+    y = torch.where(targets == ignore_index, -1, targets).reshape(-1).long()
+
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def flat(t):
+        return t.reshape(-1).to(acc) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    if isinstance(entropy_weights, Tensor) and entropy_weights.dim() == 0:
+        entropy_weights = entropy_weights.to(acc)
+    c = None if class_weights is None else class_weights.to(acc)
+    opts = LossOptions(
+        vocab_size=V, token_weights=flat(token_weights), entropy_weights=flat(entropy_weights),
+        class_weights=c, label_smoothing=float(label_smoothing), z_loss=float(z_loss), dft=bool(dft))
+    return Prepared(
+        x=hidden.reshape(-1, hidden.shape[-1]).contiguous(), w=weight.contiguous(),
+        b=None if bias is None else bias.contiguous(), y=y, c=c,
+        softcap=None if softcap is None else float(softcap), opts=opts, shape=targets.shape,
+        device_type=hidden.device.type)
+
+
+def loss_stats(stats: Stats, y: Tensor, shape: torch.Size) -> LossStats:
+    """The ``return_stats`` view of backend statistics."""
+    valid = y >= 0
+    lse = stats.lse.detach()
+    logp = torch.where(valid, stats.target_logit.detach() - lse, torch.zeros_like(lse))
+    return LossStats(lse.reshape(shape), (lse - stats.expected_logit.detach()).reshape(shape),
+                     logp.reshape(shape), ((stats.argmax == y) & valid).reshape(shape))
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
+                         token_weights: Optional[Tensor] = None,
+                         entropy_weights: Union[Tensor, float, None] = None,
+                         class_weights: Optional[Tensor] = None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: Optional[float] = None, dft: bool = False, reduction: str = "mean",
+                         normalizer: Union[Tensor, float, None] = None, shift: bool = False,
+                         return_stats: bool = False, backend: str = "auto",
+                         filter_eps: Optional[float] = None):
+    """``F.cross_entropy(hidden @ weight.T + bias, targets, ...)`` and DESIGN.md's token
+    weighting, entropy, z-loss and DFT terms, without the ``N x V`` logits.
+
+    ``hidden [..., D]``, ``weight [V, D]`` (same float dtype, or any under autocast),
+    ``targets [...]`` int64/int32. Returns a float32 loss (float64 for float64 inputs):
+    a scalar, or shaped like ``targets`` for ``reduction="none"``; with ``return_stats``,
+    ``(loss, LossStats)``. ``filter_eps``: skip gradient tiles whose probabilities are all
+    below it (triton backend; None, the default, is exact).
+    """
+    options = dict(bias=bias, token_weights=token_weights, entropy_weights=entropy_weights,
+                   class_weights=class_weights, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                   z_loss=z_loss, softcap=softcap, dft=dft, reduction=reduction, normalizer=normalizer,
+                   shift=shift, return_stats=return_stats, filter_eps=filter_eps)
+    if backend == "reference":
+        from . import reference
+        return reference.linear_cross_entropy(hidden, weight, targets, **options)
+    del options["return_stats"]
+    p = prepare(hidden, weight, targets, backend=backend, **options)
+    be = get_backend(backend, p.x.device)
+    opts = p.opts
+    grad_inputs = [t for t in (p.x, p.w, p.b) if t is not None]
+    weight_tensors = [t for t in (opts.token_weights, opts.entropy_weights, opts.class_weights) if isinstance(t, Tensor)]
+    single_pass = (reduction != "none" and torch.is_grad_enabled()
+                   and any(t.requires_grad for t in grad_inputs)
+                   and not any(t.requires_grad for t in weight_tensors))
+    denom = denominator(p.y, opts, normalizer, p.acc) if reduction == "mean" else None
+    with p.autocast_off():
+        if single_pass:
+            scale = denom if denom is not None else torch.ones((), dtype=p.acc, device=p.y.device)
+            loss, *parts = SinglePassFunction.apply(
+                p.x, p.w, p.b, p.y, p.c, p.softcap, 0, be, filter_eps, block_loss_fn(p.y, opts, scale))
+            stats = Stats(*parts[:5])
+        else:
+            stats = Stats(*StatsFunction.apply(p.x, p.w, p.b, p.y, p.c, p.softcap, 0, be, filter_eps)[:5])
+            loss = reduce(token_losses(stats, p.y, opts), reduction, denom)
+    if reduction == "none":
+        loss = loss.reshape(p.shape)
+    return (loss, loss_stats(stats, p.y, p.shape)) if return_stats else loss
+
+
+def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
+                class_weights: Optional[Tensor] = None, softcap: Optional[float] = None,
+                ignore_index: int = -100, topk: int = 0, backend: str = "auto",
+                filter_eps: Optional[float] = None) -> LogitStats:
+    """Per-token statistics of the logits ``hidden @ weight.T + bias`` (DESIGN.md's first layer),
+    differentiable with a fused backward: any per-token loss written on them trains without
+    logits. ``topk`` (0 to 8): also the ``k`` largest logits, ``[..., k]``, no gradient."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
+    if backend == "reference":
+        from . import reference
+        return reference.logit_stats(hidden, weight, targets, bias=bias, class_weights=class_weights,
+                                     softcap=softcap, ignore_index=ignore_index, topk=topk)
+    p = prepare(hidden, weight, targets, bias=bias, class_weights=class_weights, softcap=softcap,
+                ignore_index=ignore_index, backend=backend, filter_eps=filter_eps)
+    if topk > p.w.shape[0]:
+        raise ValueError(f"topk={topk} exceeds the vocabulary size {p.w.shape[0]}")
+    be = get_backend(backend, p.x.device)
+    with p.autocast_off():
+        lse, zy, S, Z, argmax, top = StatsFunction.apply(p.x, p.w, p.b, p.y, p.c, p.softcap, topk, be, filter_eps)
+    return shape_stats(Stats(lse, zy, S, Z, argmax, top if topk else None), p)
+
+
+def shape_stats(stats: Stats, p: Prepared) -> LogitStats:
+    """Backend statistics reshaped like the targets."""
+    shape = p.shape
+    top = None if stats.topk is None else stats.topk.reshape(*shape, -1)
+    return LogitStats(*(t.reshape(shape) for t in stats[:5]), top, (p.y >= 0).reshape(shape))
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`linear_cross_entropy`: options at construction (``class_weights``
+    is kept as a buffer), tensors per call: ``forward(hidden, weight, targets, bias=None,
+    token_weights=None, entropy_weights=None, normalizer=None)``."""
+
+    def __init__(self, *, class_weights: Optional[Tensor] = None, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                 dft: bool = False, reduction: str = "mean", shift: bool = False,
+                 entropy_weights: Optional[float] = None, return_stats: bool = False,
+                 backend: str = "auto", filter_eps: Optional[float] = None):
+        super().__init__()
+        self.register_buffer("class_weights", class_weights)
+        self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                            softcap=softcap, dft=dft, reduction=reduction, shift=shift,
+                            return_stats=return_stats, backend=backend, filter_eps=filter_eps)
+        self.entropy_weights = entropy_weights
+
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                token_weights: Optional[Tensor] = None, entropy_weights=None, normalizer=None):
+        if entropy_weights is None:
+            entropy_weights = self.entropy_weights
+        return linear_cross_entropy(hidden, weight, targets, bias=bias, token_weights=token_weights,
+                                    entropy_weights=entropy_weights, class_weights=self.class_weights,
+                                    normalizer=normalizer, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

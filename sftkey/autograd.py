@@ -1,0 +1,63 @@
+"""The two autograd Functions over a backend: statistics with a recompute backward, and the
+single pass for scalar losses (DESIGN.md, "Passes" and "Single pass for scalar reductions")."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends.base import Backend, BlockLoss, Head, Needs, StatGrads, Stats
+
+
+def _needs(ctx, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Needs:
+    return Needs(ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+
+
+def _head(x, w, b, y, c, softcap) -> Head:
+    return Head(x, w, b, y, c, softcap)
+
+
+class StatsFunction(torch.autograd.Function):
+    """``(x, w, b) -> (lse, target_logit, expected_logit, weighted_logit_sum, argmax, topk)``;
+    the backward takes one upstream gradient per differentiable statistic."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps):
+        stats = backend.forward(_head(x, w, b, y, c, softcap), topk)
+        ctx.save_for_backward(x, w, b, y, c, stats.lse, stats.expected_logit)
+        ctx.softcap, ctx.backend, ctx.filter_eps = softcap, backend, filter_eps
+        top = stats.topk if stats.topk is not None else stats.lse.new_empty(stats.lse.shape[0], 0)
+        ctx.mark_non_differentiable(stats.argmax, top)
+        return (*stats[:5], top)
+
+    @staticmethod
+    def backward(ctx, g_lse, g_zy, g_S, g_Z, _g_argmax, _g_topk):
+        x, w, b, y, c, lse, S = ctx.saved_tensors
+        head = _head(x, w, b, y, c, ctx.softcap)
+        stats = Stats(lse, None, S, None, None)
+        grads = StatGrads(*(None if g is None else g.to(lse.dtype).contiguous() for g in (g_lse, g_zy, g_S, g_Z)))
+        dx, dw, db = ctx.backend.backward(head, stats, grads, _needs(ctx, x, w, b), ctx.filter_eps)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class SinglePassFunction(torch.autograd.Function):
+    """``(x, w, b) -> (loss, *stats)`` for a scalar loss: the backend forms the gradients
+    during the forward from ``block_loss``; the backward only scales them by ``grad_output``.
+    The statistics are returned detached (for ``return_stats``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps,
+                block_loss: BlockLoss):
+        head = _head(x, w, b, y, c, softcap)
+        loss, stats, dx, dw, db = backend.single_pass(head, block_loss, _needs(ctx, x, w, b), topk, filter_eps)
+        ctx.save_for_backward(dx, dw, db)
+        top = stats.topk if stats.topk is not None else stats.lse.new_empty(stats.lse.shape[0], 0)
+        outputs = (*stats[:5], top)
+        ctx.mark_non_differentiable(*outputs)
+        return (torch.as_tensor(loss, dtype=stats.lse.dtype, device=x.device), *outputs)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        grads = (None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None, None)

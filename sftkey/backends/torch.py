@@ -1,0 +1,196 @@
+"""Chunked pure-PyTorch backend: any device, any dtype, never an N x V buffer.
+
+Rows are processed in blocks of ``r`` rows such that the block's float32 logits fit
+:data:`sftkey.config.chunk_budget_bytes`. Per block, with ``A`` the accumulation dtype
+(float64 for float64 inputs, else float32), the working set is reused across blocks:
+
+* ``z``  ``[r, V]`` A: logits (soft-capped), later overwritten by ``dz``;
+* ``p``  ``[r, V]`` A: ``exp(z - m)``, then the probabilities;
+* ``lo`` ``[r, V]`` input dtype (bf16/fp16 only): the matmul output, later ``dz`` for the products;
+* ``f``  ``[r, V]`` A (softcap only): ``1 - (z / cap)^2``;
+* ``dW`` products in vocabulary slices of at most the budget, added into a float32 ``dW``
+  (one buffer of W's size for a bf16/fp16 W; none for float32, where ``addmm_`` adds in place).
+
+Everything summed across blocks (``dW``, ``db``) is float32; ``dX`` of a block is one product
+over the whole vocabulary. The math of ``dz`` is DESIGN.md's; the one-hot term is a scatter and
+the class-weight term an in-place rank-one update of the block.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import config
+from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats
+
+_ROW_ALIGN = 16
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Workspace:
+    """The block buffers of one call, sized once and reused for every block of rows."""
+
+    def __init__(self, head: Head):
+        x, w = head.x, head.w
+        n, V = x.shape[0], w.shape[0]
+        self.acc = _acc_dtype(x.dtype)
+        rows = max(_ROW_ALIGN, config.chunk_budget_bytes // (4 * V) // _ROW_ALIGN * _ROW_ALIGN)
+        self.rows = min(rows, n)
+        kw = dict(device=x.device)
+        self.z = torch.empty(self.rows, V, dtype=self.acc, **kw)
+        self.p = torch.empty(self.rows, V, dtype=self.acc, **kw)
+        self.lo = None if x.dtype == self.acc else torch.empty(self.rows, V, dtype=x.dtype, **kw)
+        self.f = None if head.softcap is None else torch.empty(self.rows, V, dtype=self.acc, **kw)
+        self.b = None if head.b is None else head.b.to(self.acc)
+        self.c = None if head.c is None else head.c.to(self.acc)
+
+    def blocks(self, n: int):
+        for start in range(0, n, self.rows):
+            yield slice(start, min(start + self.rows, n))
+
+    def logits(self, head: Head, rows: slice):
+        """``z`` (and ``f`` under softcap) for a block of rows; returns views of the buffers."""
+        r = rows.stop - rows.start
+        z = self.z[:r]
+        x = head.x[rows]
+        if self.lo is None:
+            torch.mm(x, head.w.t(), out=z)
+        else:
+            torch.mm(x, head.w.t(), out=self.lo[:r])
+            z.copy_(self.lo[:r])
+        if self.b is not None:
+            z.add_(self.b)
+        f = None
+        if head.softcap is not None:
+            cap = head.softcap
+            z.div_(cap).tanh_()
+            f = torch.mul(z, z, out=self.f[:r]).neg_().add_(1)
+            z.mul_(cap)
+        return z, f
+
+    def stats(self, head: Head, rows: slice, z: Tensor, topk: int):
+        """Statistics of a block's logits; leaves ``p`` holding ``exp(z - m)``. Returns
+        ``(stats, p, sum_exp)``."""
+        y = head.y[rows]
+        m, argmax = z.max(dim=1)
+        p = torch.sub(z, m[:, None], out=self.p[: z.shape[0]]).exp_()
+        sum_exp = p.sum(dim=1)
+        S = torch.bmm(p[:, None, :], z[:, :, None]).view(-1) / sum_exp
+        lse = m + sum_exp.log()
+        zy = z.gather(1, y.clamp_min(0)[:, None]).view(-1) * (y >= 0)
+        Z = z.sum(dim=1) if self.c is None else z @ self.c
+        top = z.topk(topk, dim=1).values if topk else None
+        return Stats(lse, zy, S, Z, argmax, top), p, sum_exp
+
+    def dz(self, head: Head, rows: slice, z: Tensor, p: Tensor, f: Optional[Tensor],
+           S: Tensor, grads: StatGrads) -> Tensor:
+        """``dz`` of a block, in place of ``z`` or ``p`` (DESIGN.md), given probabilities ``p``."""
+        g_lse, g_zy, g_S, g_Z = grads
+        if g_S is not None:
+            z.sub_((S - 1)[:, None]).mul_(g_S[:, None])
+            if g_lse is not None:
+                z.add_(g_lse[:, None])
+            dz = z.mul_(p)
+        elif g_lse is not None:
+            dz = p.mul_(g_lse[:, None])
+        else:
+            dz = p.zero_()
+        if g_Z is not None:
+            if self.c is None:
+                dz.add_(g_Z[:, None])
+            else:
+                dz.addr_(g_Z, self.c)
+        if g_zy is not None:
+            y = head.y[rows]
+            dz.scatter_add_(1, y.clamp_min(0)[:, None], (g_zy * (y >= 0))[:, None])
+        if f is not None:
+            dz.mul_(f)
+        return dz
+
+
+class _Gradients:
+    """``dX``, ``dW`` and ``db`` accumulated block by block (``dW``, ``db`` in float32)."""
+
+    def __init__(self, head: Head, needs: Needs, ws: _Workspace):
+        x, w = head.x, head.w
+        self.head, self.ws = head, ws
+        self.dx = torch.empty_like(x) if needs.dx else None
+        self.dw = torch.zeros(w.shape, dtype=ws.acc, device=w.device) if needs.dw else None
+        self.db = torch.zeros(w.shape[0], dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
+        self.v_slice = max(256, config.chunk_budget_bytes // (w.shape[1] * w.element_size()))
+
+    def add(self, rows: slice, dz: Tensor) -> None:
+        head, ws = self.head, self.ws
+        if self.db is not None:
+            self.db.add_(dz.sum(dim=0))
+        if ws.lo is not None:
+            dz = ws.lo[: dz.shape[0]].copy_(dz)
+        x = head.x[rows]
+        if self.dx is not None:
+            torch.mm(dz, head.w, out=self.dx[rows])
+        if self.dw is None:
+            return
+        V = head.w.shape[0]
+        for v in range(0, V, self.v_slice):
+            cols = slice(v, min(v + self.v_slice, V))
+            if ws.lo is None:
+                self.dw[cols].addmm_(dz[:, cols].t(), x)
+            else:
+                self.dw[cols].add_(dz[:, cols].t() @ x)
+
+    def result(self):
+        w, b = self.head.w, self.head.b
+        dw = None if self.dw is None else self.dw.to(w.dtype)
+        db = None if self.db is None else self.db.to(b.dtype)
+        return self.dx, dw, db
+
+
+class TorchBackend(Backend):
+    """Chunked PyTorch: forward, recompute backward, and a single pass for scalar losses."""
+
+    name = "torch"
+
+    def forward(self, head: Head, topk: int = 0) -> Stats:
+        ws = _Workspace(head)
+        parts = []
+        for rows in ws.blocks(head.x.shape[0]):
+            z, _ = ws.logits(head, rows)
+            parts.append(ws.stats(head, rows, z, topk)[0])
+        return _concat(parts)
+
+    def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs,
+                 filter_eps: Optional[float] = None):
+        ws = _Workspace(head)
+        out = _Gradients(head, needs, ws)
+        for rows in ws.blocks(head.x.shape[0]):
+            z, f = ws.logits(head, rows)
+            p = torch.sub(z, stats.lse[rows, None], out=ws.p[: z.shape[0]]).exp_()
+            g = StatGrads(*(None if t is None else t[rows] for t in grads))
+            out.add(rows, ws.dz(head, rows, z, p, f, stats.expected_logit[rows], g))
+        return out.result()
+
+    def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
+                    filter_eps: Optional[float] = None):
+        ws = _Workspace(head)
+        out = _Gradients(head, needs, ws)
+        parts, loss = [], 0
+        for rows in ws.blocks(head.x.shape[0]):
+            z, f = ws.logits(head, rows)
+            stats, p, sum_exp = ws.stats(head, rows, z, topk)
+            block, grads = block_loss(rows, stats)
+            loss = loss + block
+            p.div_(sum_exp[:, None])
+            out.add(rows, ws.dz(head, rows, z, p, f, stats.expected_logit, grads))
+            parts.append(stats)
+        return (loss, _concat(parts), *out.result())
+
+
+def _concat(parts) -> Stats:
+    if len(parts) == 1:
+        return parts[0]
+    return Stats(*(None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(len(Stats._fields))))

@@ -1,0 +1,19 @@
+"""Settings shared by the backends."""
+from __future__ import annotations
+
+import os
+
+_MIB = 1 << 20
+
+#: Bytes of float32 logits one block of rows may hold in the chunked torch backend.
+#: The block's working set is a small multiple of this; it bounds the extra memory.
+#: Set with :func:`set_chunk_budget` or the ``SFTKEY_CHUNK_MIB`` environment variable.
+chunk_budget_bytes: int = int(float(os.environ.get("SFTKEY_CHUNK_MIB", "16")) * _MIB)
+
+
+def set_chunk_budget(mib: float) -> None:
+    """Set the torch backend's per-block logits budget, in MiB (> 0)."""
+    global chunk_budget_bytes
+    if not mib > 0:
+        raise ValueError(f"mib must be > 0, got {mib!r}")
+    chunk_budget_bytes = int(mib * _MIB)
