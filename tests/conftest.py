@@ -1,0 +1,66 @@
+"""Shared test set-up: which backends run, tolerances per dtype (stated once), input factories.
+
+Without a GPU the Triton backend runs under the interpreter, which must be switched on
+before ``triton`` is first imported; that happens here."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sftkey.backends import triton_usable  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+#: Relative error ||got - want|| / ||want|| allowed against the float64 reference, per input dtype.
+TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 2e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def backends():
+    """Fast backends under test: torch always, triton where it can run (CUDA or interpreter)."""
+    names = ["torch"]
+    if triton_usable(DEVICE):
+        names.append("triton")
+    return names
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    scale = want.norm().item()
+    diff = (got - want).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(got, want, dtype, what=""):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got.double()).all(), f"{what}: non-finite values"
+    err = rel_err(got, want)
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:.1g} ({dtype})"
+
+
+def make_head(n, d, v, dtype, *, seed, bias=False, device=DEVICE, ignore_frac=0.2, lead=None):
+    """Random ``hidden [*lead or n, d]``, ``weight [v, d]`` (logits of order 1), ``targets``
+    with about ``ignore_frac`` set to -100, and optionally ``bias [v]``; all leaves requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(lead) if lead else (n,)
+    x = torch.randn(*shape, d, generator=g)
+    w = torch.randn(v, d, generator=g) / d ** 0.5
+    y = torch.randint(0, v, shape, generator=g)
+    y[torch.rand(shape, generator=g) < ignore_frac] = -100
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    cast = [t.to(device=device, dtype=dtype).requires_grad_() if t is not None else None for t in (x, w, b)]
+    return (*cast, y.to(device))
+
+
+@pytest.fixture(params=backends())
+def backend(request):
+    return request.param
