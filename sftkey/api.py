@@ -14,9 +14,6 @@ from .backends import get_backend
 from .backends.base import Stats
 from .loss import LossOptions, block_loss_fn, denominator, reduce, token_losses
 
-MAX_TOPK = 8
-
-
 class LossStats(NamedTuple):
     """Per-token statistics returned with ``return_stats=True``, each shaped like ``targets``:
     ``lse``, ``entropy``, ``target_logprob`` (0 on ignored tokens) and ``correct`` (bool:
@@ -102,7 +99,7 @@ def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
 def prepare(hidden, weight, targets, *, bias=None, token_weights=None, entropy_weights=None,
             class_weights=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
             dft=False, reduction="mean", normalizer=None, shift=False, backend="auto",
-            filter_eps=None) -> Prepared:
+            filter_eps=None, topk=0) -> Prepared:
     """Check every argument, apply autocast and ``shift``, flatten to ``N`` tokens."""
     autocast = torch.is_autocast_enabled(hidden.device.type) if isinstance(hidden, Tensor) else False
     validation.check_head(hidden, weight, targets, bias, autocast=autocast)
@@ -111,7 +108,7 @@ def prepare(hidden, weight, targets, *, bias=None, token_weights=None, entropy_w
         targets, V, token_weights=token_weights, entropy_weights=entropy_weights,
         class_weights=class_weights, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, reduction=reduction, normalizer=normalizer, shift=shift,
-        backend=backend, filter_eps=filter_eps)
+        backend=backend, filter_eps=filter_eps, topk=topk)
     validation.check_targets_range(targets, V, ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if bias is not None and bias.dtype != weight.dtype:
@@ -207,16 +204,12 @@ def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Option
     """Per-token statistics of the logits ``hidden @ weight.T + bias`` (DESIGN.md's first layer),
     differentiable with a fused backward: any per-token loss written on them trains without
     logits. ``topk`` (0 to 8): also the ``k`` largest logits, ``[..., k]``, no gradient."""
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
-        raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
     if backend == "reference":
         from . import reference
         return reference.logit_stats(hidden, weight, targets, bias=bias, class_weights=class_weights,
                                      softcap=softcap, ignore_index=ignore_index, topk=topk)
     p = prepare(hidden, weight, targets, bias=bias, class_weights=class_weights, softcap=softcap,
-                ignore_index=ignore_index, backend=backend, filter_eps=filter_eps)
-    if topk > p.w.shape[0]:
-        raise ValueError(f"topk={topk} exceeds the vocabulary size {p.w.shape[0]}")
+                ignore_index=ignore_index, backend=backend, filter_eps=filter_eps, topk=topk)
     be = get_backend(backend, p.x.device)
     with p.autocast_off():
         lse, zy, S, Z, argmax, top = StatsFunction.apply(p.x, p.w, p.b, p.y, p.c, p.softcap, topk, be, filter_eps)

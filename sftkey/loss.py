@@ -40,7 +40,7 @@ class LossOptions:
         return replace(
             self,
             token_weights=None if self.token_weights is None else self.token_weights[rows],
-            entropy_weights=ew[rows] if isinstance(ew, Tensor) else ew,
+            entropy_weights=ew[rows] if isinstance(ew, Tensor) and ew.dim() > 0 else ew,
         )
 
     @property
@@ -76,7 +76,7 @@ def denominator(y: Tensor, opts: LossOptions, normalizer=None, dtype=torch.float
     tokens (the count without weights), or ``normalizer``; 1 where that is 0, so an
     all-ignored batch gives loss 0, not NaN."""
     if normalizer is not None:
-        return torch.as_tensor(normalizer, dtype=dtype, device=y.device)
+        return torch.as_tensor(normalizer, dtype=dtype, device=y.device).reshape(())
     valid = y >= 0
     per_token = valid.to(dtype)
     if opts.class_weights is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .api import LossStats, LogitStats, MAX_TOPK, Prepared, prepare, shape_stats
+from .api import LossStats, LogitStats, Prepared, prepare, shape_stats
 from .backends.base import Stats
 
 
@@ -71,10 +71,8 @@ def linear_cross_entropy(hidden, weight, targets, *, return_stats=False, backend
 def logit_stats(hidden, weight, targets, *, bias=None, class_weights=None, softcap=None,
                 ignore_index=-100, topk=0, backend="reference", filter_eps=None) -> LogitStats:
     """Materializing :func:`sftkey.logit_stats` (``backend`` and ``filter_eps`` are ignored)."""
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
-        raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
     p = prepare(hidden, weight, targets, bias=bias, class_weights=class_weights, softcap=softcap,
-                ignore_index=ignore_index)
+                ignore_index=ignore_index, topk=topk)
     with p.autocast_off():
         z = logits(p)
         valid = p.y >= 0

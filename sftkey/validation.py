@@ -79,6 +79,17 @@ def check_head(hidden, weight, targets, bias, *, autocast: bool) -> None:
         _same_device("bias", bias, hidden.device)
 
 
+MAX_TOPK = 8
+
+
+def check_topk(topk, vocab_size: int) -> None:
+    """``topk`` is an int in ``[0, min(8, V)]``."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
+    if topk > vocab_size:
+        raise ValueError(f"topk={topk} exceeds the vocabulary size {vocab_size}")
+
+
 def check_targets_range(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
     """Targets lie in ``[0, V)`` or equal ``ignore_index``."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
@@ -89,7 +100,7 @@ def check_targets_range(targets: Tensor, vocab_size: int, ignore_index: int) -> 
 
 def check_options(targets: Tensor, vocab_size: int, *, token_weights, entropy_weights, class_weights,
                   ignore_index, label_smoothing, z_loss, softcap, reduction, normalizer, shift,
-                  backend, filter_eps) -> None:
+                  backend, filter_eps, topk=0) -> None:
     """Every loss option, against ``targets [...]`` and the vocabulary size."""
     device = targets.device
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
@@ -135,3 +146,4 @@ def check_options(targets: Tensor, vocab_size: int, *, token_weights, entropy_we
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if filter_eps is not None:
         _number("filter_eps", filter_eps, low=0.0)
+    check_topk(topk, vocab_size)

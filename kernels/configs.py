@@ -1,0 +1,61 @@
+"""Block shapes and launch settings of the kernels.
+
+The Hopper (H100/H200) defaults below are educated choices, not measurements: they were
+picked without GPU access (no GPU on the build machines), from the shared-memory budget
+(228 KiB per SM) and the shapes Cut Cross-Entropy and Liger ship with. Re-tune them with
+``bench/`` on a GPU and record the measured choice here.
+
+* forward: a ``BLOCK_N x BLOCK_V`` logits tile, ``BLOCK_D``-wide operand slices; 3 stages of
+  a 128 x 64 bf16 slice of X and of W is 96 KiB of shared memory.
+* backward: same logits tile, then ``dz`` (cast to the input dtype, 32 KiB) times slices of
+  W and X; 128 x 128 keeps the fp32 ``dz`` tile at 64 registers per thread with 8 warps.
+* float32 inputs halve ``BLOCK_D`` so the pipelined slices still fit (their products are exact
+  fp32 FMAs, no tensor cores, unless torch's float32 matmul precision allows TF32).
+
+Checked on the CPU by compiling for sm_90 with Triton 3.9's bundled ptxas: both kernels use
+wgmma with cp.async pipelining for bf16/fp16, no register spills; forward 96 KiB and backward
+160 KiB of shared memory.
+
+Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU) every op runs in NumPy, so the
+blocks are small (and ``tl.dot`` needs every dimension >= 16).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int = 8
+    num_stages: int = 3
+    #: forward: programs per SM to aim for when splitting the vocabulary across programs
+    #: (0: never split); backward: row blocks per group in the L2-friendly launch order.
+    occupancy: int = 2
+    group_n: int = 8
+
+
+HOPPER_FORWARD = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+HOPPER_BACKWARD = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+INTERPRETER = KernelConfig(block_n=16, block_v=32, block_d=32, num_warps=1, num_stages=1,
+                           occupancy=0, group_n=2)
+
+
+#: Whether the kernels run in Triton's interpreter. Read once, at import, as ``triton.jit`` does
+#: when it decorates the kernels (so ``TRITON_INTERPRET=1`` must be set before importing).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def default_config(kind: str, dtype: torch.dtype) -> KernelConfig:
+    """The launch settings for ``kind`` ("forward" or "backward") and the inputs' ``dtype``."""
+    if INTERPRETED:
+        return INTERPRETER
+    cfg = HOPPER_FORWARD if kind == "forward" else HOPPER_BACKWARD
+    if dtype == torch.float32:
+        cfg = replace(cfg, block_d=cfg.block_d // 2)
+    return cfg

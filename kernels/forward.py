@@ -1,0 +1,140 @@
+"""Forward kernel: partial per-row statistics of the logits over one split of the vocabulary.
+
+Tiles: each program owns ``BLOCK_N`` rows of X and one split of the vocabulary
+(``tiles_per_split`` consecutive tiles of ``BLOCK_V`` columns). For each tile it forms
+``z = X_rows W_tile^T (+ b)`` (soft-capped) as a ``BLOCK_N x BLOCK_V`` fp32 block from
+``BLOCK_D``-wide slices of X and W, and folds it into running per-row values: the max ``m``,
+``l = sum exp(z - m)``, ``t = sum exp(z - m) z`` (both rescaled when ``m`` grows), the target
+logit ``zy``, ``Z = sum_j c_j z_j``, the argmax (value, first index) and the top-k logits.
+It writes these ``O(BLOCK_N)`` partials for its split; the host merges the splits
+(``lse = m + log l``, ``S = t / l``), so several programs can share a row block's vocabulary
+when there are few row blocks.
+
+``logits_tile`` and ``softcap_tanh`` are shared with the backward kernel.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softcap_tanh(z, cap):
+    """``cap * tanh(z / cap)`` through ``exp`` (``tl.math.tanh`` differs across Triton versions)."""
+    e = tl.exp(-2.0 * tl.abs(z) / cap)
+    th = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(z < 0, -th, th)
+
+
+@triton.jit
+def logits_tile(x_rows, row_mask, w, cols, col_mask, b, D, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """The fp32 ``[BLOCK_N, BLOCK_V]`` logits of rows ``x_rows`` (row pointers) and vocab ``cols``.
+
+    Masked rows and columns come out as 0 (before the soft-cap, which keeps 0)."""
+    w_cols = w + cols.to(tl.int64) * D
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dk < D
+        xt = tl.load(x_rows[:, None] + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        wt = tl.load(w_cols[None, :] + dk[:, None], mask=col_mask[None, :] & d_mask[:, None], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc=acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(b + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        acc = softcap_tanh(acc, softcap)
+    return acc
+
+
+@triton.jit
+def _merge_topk(run, zm, cols_local, kk, TOPK: tl.constexpr, K_PAD: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """The ``TOPK`` largest of the running top-k ``run`` [BLOCK_N, K_PAD] and the tile ``zm``."""
+    new = tl.full(run.shape, float("-inf"), tl.float32)
+    for r in tl.static_range(TOPK):
+        run_max = tl.max(run, 1)
+        tile_max = tl.max(zm, 1)
+        from_run = run_max >= tile_max
+        new = tl.where(kk[None, :] == r, tl.where(from_run, run_max, tile_max)[:, None], new)
+        run_at = tl.min(tl.where(run == run_max[:, None], kk[None, :], K_PAD), 1)
+        run = tl.where(from_run[:, None] & (kk[None, :] == run_at[:, None]), float("-inf"), run)
+        tile_at = tl.min(tl.where(zm == tile_max[:, None], cols_local[None, :], BLOCK_V), 1)
+        zm = tl.where(~from_run[:, None] & (cols_local[None, :] == tile_at[:, None]), float("-inf"), zm)
+    return new
+
+
+@triton.jit
+def forward_kernel(x, w, b, y, c,
+                   m_out, l_out, t_out, zy_out, zc_out, amax_v_out, amax_i_out, topk_out,
+                   N, V, D, tiles_per_split, softcap,
+                   HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, SOFTCAP: tl.constexpr,
+                   TOPK: tl.constexpr, K_PAD: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                   UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    split = pid // num_n
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    x_rows = x + rows64 * D
+    yt = tl.load(y + rows64, mask=row_mask, other=-1).to(tl.int32)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    zc = tl.zeros((BLOCK_N,), tl.float32)
+    best_v = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    best_i = tl.zeros((BLOCK_N,), tl.int32)
+    kk = tl.arange(0, K_PAD)
+    run = tl.full((BLOCK_N, K_PAD), float("-inf"), tl.float32)
+
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols_local = tl.arange(0, BLOCK_V)
+        cols = v0 + cols_local
+        col_mask = cols < V
+        z = logits_tile(x_rows, row_mask, w, cols, col_mask, b, D, softcap,
+                        HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PREC)
+        # z is 0 on masked columns; zm excludes them from max, sum-exp and argmax.
+        zm = tl.where(col_mask[None, :], z, float("-inf"))
+        tile_max = tl.max(zm, 1)
+        m_new = tl.maximum(m, tile_max)
+        scale = tl.exp(m - m_new)
+        e = tl.exp(zm - m_new[:, None])
+        l = l * scale + tl.sum(e, 1)
+        t = t * scale + tl.sum(e * z, 1)
+        m = m_new
+
+        zy += tl.sum(tl.where(cols[None, :] == yt[:, None], z, 0.0), 1)
+        if HAS_C:
+            zc += tl.sum(z * tl.load(c + cols, mask=col_mask, other=0.0)[None, :], 1)
+        else:
+            zc += tl.sum(z, 1)
+
+        tile_at = tl.min(tl.where(zm == tile_max[:, None], cols[None, :], V), 1)
+        better = tile_max > best_v
+        best_i = tl.where(better, tile_at, best_i)
+        best_v = tl.where(better, tile_max, best_v)
+        if TOPK > 0:
+            run = _merge_topk(run, zm, cols_local, kk, TOPK, K_PAD, BLOCK_V)
+
+    out = split.to(tl.int64) * N + rows64
+    tl.store(m_out + out, m, mask=row_mask)
+    tl.store(l_out + out, l, mask=row_mask)
+    tl.store(t_out + out, t, mask=row_mask)
+    tl.store(zy_out + out, zy, mask=row_mask)
+    tl.store(zc_out + out, zc, mask=row_mask)
+    tl.store(amax_v_out + out, best_v, mask=row_mask)
+    tl.store(amax_i_out + out, best_i.to(tl.int64), mask=row_mask)
+    if TOPK > 0:
+        tl.store(topk_out + out[:, None] * TOPK + kk[None, :], run,
+                 mask=row_mask[:, None] & (kk[None, :] < TOPK))

@@ -1,0 +1,205 @@
+"""TritonBackend (sftkey.kernels) against float64 materialized logits and torch autograd.
+
+Runs on the CPU through Triton's interpreter, so shapes are small; block shapes are the
+interpreter's (16 x 32 x 32), so V = 257 and D = 40 leave partial tiles on every axis.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from sftkey.backends.base import Head, Needs, StatGrads  # noqa: E402
+from sftkey.backends.triton import TritonBackend, _launch_args  # noqa: E402
+from sftkey.kernels.configs import INTERPRETER  # noqa: E402
+
+# Relative tolerances: error <= tol * max|reference|. Statistics accumulate in float32 from
+# the (exact) input values for every dtype; gradients go through dz rounded to the input
+# dtype before the products, and are returned in it.
+STAT_TOL = {torch.float32: 5e-6, torch.float16: 5e-6, torch.bfloat16: 5e-6}
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ALL = Needs(True, True, True)
+
+
+def make(dtype, n=37, d=40, v=257, bias=True, class_weights=False, ignore=True, softcap=None,
+         scale=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) * scale / d ** 0.5).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    if ignore:
+        y[::5] = -1
+    c = torch.rand(v, generator=g) + 0.5 if class_weights else None
+    return Head(x, w, b, y, c, softcap)
+
+
+def upstream(n, which="all", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(n, generator=g) for _ in range(4)]
+    return StatGrads(*(gr if which == "all" or k in which else None
+                       for k, gr in zip(("lse", "zy", "S", "Z"), grads)))
+
+
+def reference(head, grads=None, needs=ALL, topk=0):
+    """Stats of float64 materialized logits, and autograd of sum(g . stats) w.r.t. x, w, b."""
+    x = head.x.double().requires_grad_(needs.dx)
+    w = head.w.double().requires_grad_(needs.dw)
+    b = None if head.b is None else head.b.double().requires_grad_(needs.db)
+    z = x @ w.T + (b if b is not None else 0)
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    lse = z.logsumexp(1)
+    s = (torch.softmax(z, 1) * z).sum(1)
+    valid = head.y >= 0
+    zy = torch.where(valid, z.gather(1, head.y.clamp(min=0)[:, None])[:, 0], 0.0)
+    zc = (z * (head.c.double() if head.c is not None else 1.0)).sum(1)
+    stats = dict(lse=lse, zy=zy, S=s, Z=zc, argmax=z.argmax(1), z=z,
+                 topk=z.topk(topk, 1).values if topk else None)
+    if grads is None:
+        return stats
+    loss = sum((g.double() * t).sum() for g, t in zip(grads, (lse, zy, s, zc)) if g is not None)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(loss, inputs))
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in (x, w, b))
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual.shape == expected.shape, what
+    err = (actual.double() - expected.double()).abs().max().item()
+    ref = expected.double().abs().max().item()
+    assert err <= tol * max(ref, 1.0), f"{what}: max error {err:.3g} > {tol:g} * {ref:.3g}"
+
+
+def check_forward(head, topk=0, backend=None):
+    st = (backend or TritonBackend()).forward(head, topk=topk)
+    ref = reference(head, topk=topk)
+    tol = STAT_TOL[head.x.dtype]
+    for name, got in (("lse", st.lse), ("zy", st.target_logit), ("S", st.expected_logit),
+                      ("Z", st.weighted_logit_sum)):
+        assert got.dtype == torch.float32
+        assert_close(got, ref[name], tol, name)
+    # argmax: the logit there is the max (exact ties are tested below)
+    assert st.argmax.dtype == torch.int64
+    z = ref["z"]
+    assert_close(z.gather(1, st.argmax[:, None])[:, 0], z.max(1).values, tol, "argmax")
+    if topk:
+        assert_close(st.topk, ref["topk"], tol, "topk")
+    else:
+        assert st.topk is None
+    return st
+
+
+def check_backward(head, grads, needs=ALL, filter_eps=None):
+    be = TritonBackend()
+    st = be.forward(head)
+    got = be.backward(head, st, grads, needs, filter_eps)
+    ref = reference(head, grads, needs)
+    for name, g, r, t in zip(("dx", "dw", "db"), got, ref, (head.x, head.w, head.b)):
+        if r is None:
+            assert g is None, name
+        else:
+            assert g.dtype == t.dtype, name
+            assert_close(g, r, GRAD_TOL[head.x.dtype], name)
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(n=1, bias=False),
+    dict(class_weights=True, softcap=3.0),
+    dict(n=20, d=16, v=300, ignore=False),
+])
+def test_forward(dtype, case):
+    check_forward(make(dtype, **case), topk=5 if case.get("n") != 1 else 1)
+
+
+def test_forward_vocab_splits_merge():
+    """Several programs per row block, partial statistics merged on the host."""
+    head = make(torch.float32, class_weights=True)
+    for splits in (2, 3, 9):
+        check_forward(head, topk=8, backend=TritonBackend(vocab_splits=splits))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_argmax_ties_take_first_index(splits):
+    head = make(torch.float32, n=19, v=257, bias=False, ignore=False)
+    w = head.w.clone()
+    w[[40, 41, 200]] = 1.0  # with x >= 0, an exact tie for the max, across tiles and splits
+    head = Head(head.x.abs(), w, None, head.y, None, None)
+    st = TritonBackend(vocab_splits=splits).forward(head, topk=3)
+    assert torch.equal(st.argmax, torch.full_like(st.argmax, 40))
+    assert torch.equal(st.topk[:, 0], st.topk[:, 2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(class_weights=True),
+    dict(softcap=3.0, class_weights=True),
+    dict(n=1, d=48, v=131, bias=False, ignore=False),
+])
+def test_backward(dtype, case):
+    head = make(dtype, **case)
+    check_backward(head, upstream(head.x.shape[0]))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("needs", [Needs(True, False, False), Needs(False, True, False),
+                                   Needs(False, False, True)], ids=["dx", "dw", "db"])
+@pytest.mark.parametrize("which", [("lse",), ("zy", "Z"), ("S",)], ids="+".join)
+def test_backward_subsets(needs, which, softcap):
+    head = make(torch.float32, n=20, v=100, class_weights=True, softcap=softcap)
+    check_backward(head, upstream(20, which), needs)
+
+
+def test_backward_no_bias_needs_db():
+    head = make(torch.float32, n=8, v=50, bias=False)
+    assert check_backward(head, upstream(8), ALL)[2] is None
+
+
+def test_filter_eps_bf16_within_tolerance():
+    # the mass sits on the first 40 tokens: the other tiles hold only p < 2^-12 and are skipped
+    head = make(torch.bfloat16, n=48, v=300, seed=3)
+    b = head.b.float()
+    b[:40] += 12.0
+    head = Head(head.x, head.w, b.to(torch.bfloat16), head.y, None, None)
+    grads = upstream(48, ("lse", "zy", "S"))
+    be = TritonBackend()
+    st = be.forward(head)
+    exact = be.backward(head, st, grads, ALL)
+    filtered = check_backward(head, grads, ALL, filter_eps=2.0 ** -12)
+    assert not all(torch.equal(a, b) for a, b in zip(exact, filtered)), "filter skipped nothing"
+    for name, a, b in zip(("dx", "dw", "db"), filtered, exact):
+        assert_close(a, b, GRAD_TOL[torch.bfloat16], name)
+
+
+def test_bf16_dot_upcast_under_interpreter():
+    x = torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert _launch_args(x, INTERPRETER)["UPCAST"] is True
+    assert _launch_args(x.half(), INTERPRETER)["UPCAST"] is False
+
+
+def test_empty_rows():
+    head = make(torch.float32, n=0)
+    st = TritonBackend().forward(head, topk=2)
+    assert st.lse.shape == (0,) and st.topk.shape == (0, 2)
+    dx, dw, db = TritonBackend().backward(head, st, upstream(0), ALL)
+    assert dx.shape == (0, 40) and not dw.any() and not db.any()
+
+
+def test_input_errors():
+    be = TritonBackend()
+    assert be.available(torch.device("cpu"))
+    head = make(torch.float32, n=4, d=16, v=40)
+    with pytest.raises(TypeError, match="float64"):
+        be.forward(make(torch.float64, n=4, d=16, v=40))
+    with pytest.raises(ValueError, match="contiguous"):
+        be.forward(Head(head.x.T.contiguous().T, head.w, head.b, head.y, None, None))
+    with pytest.raises(ValueError, match="topk"):
+        be.forward(head, topk=9)
