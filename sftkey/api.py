@@ -72,7 +72,7 @@ class Prepared:
 
     def autocast_off(self):
         """Keep an enclosing ``torch.autocast`` from re-casting the backends' products."""
-        if torch.is_autocast_enabled(self.device_type):
+        if validation.autocast_enabled(self.device_type):
             return torch.autocast(self.device_type, enabled=False)
         return contextlib.nullcontext()
 
@@ -86,7 +86,7 @@ def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Cast to the autocast dtype exactly as ``F.linear`` would; gradients flow back in the
     inputs' own dtypes."""
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not validation.autocast_enabled(device_type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -101,18 +101,16 @@ def prepare(hidden, weight, targets, *, bias=None, token_weights=None, entropy_w
             dft=False, reduction="mean", normalizer=None, shift=False, backend="auto",
             filter_eps=None, topk=0) -> Prepared:
     """Check every argument, apply autocast and ``shift``, flatten to ``N`` tokens."""
-    autocast = torch.is_autocast_enabled(hidden.device.type) if isinstance(hidden, Tensor) else False
+    autocast = isinstance(hidden, Tensor) and validation.autocast_enabled(hidden.device.type)
     validation.check_head(hidden, weight, targets, bias, autocast=autocast)
     V = weight.shape[0]
     validation.check_options(
         targets, V, token_weights=token_weights, entropy_weights=entropy_weights,
         class_weights=class_weights, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, reduction=reduction, normalizer=normalizer, shift=shift,
+        z_loss=z_loss, softcap=softcap, dft=dft, reduction=reduction, normalizer=normalizer, shift=shift,
         backend=backend, filter_eps=filter_eps, topk=topk)
     validation.check_targets_range(targets, V, ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    if bias is not None and bias.dtype != weight.dtype:
-        bias = bias.to(weight.dtype)
     if shift:
         targets = _shift(targets, ignore_index)
         if token_weights is not None:

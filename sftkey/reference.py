@@ -54,7 +54,7 @@ def linear_cross_entropy(hidden, weight, targets, *, return_stats=False, backend
             out = loss.sum()
         else:
             if normalizer is not None:
-                denom = torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device)
+                denom = torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device).reshape(())
             else:
                 a = torch.ones_like(loss) if o.token_weights is None else o.token_weights
                 denom = (a * w[y] * valid).sum()

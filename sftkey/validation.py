@@ -47,6 +47,14 @@ def _number(name: str, value, *, low=None, high=None, low_open=False) -> float:
     return value
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (False where autocast has no such device)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def check_head(hidden, weight, targets, bias, *, autocast: bool) -> None:
     """Types, shapes, dtypes and devices of ``hidden [..., D]``, ``weight [V, D]``,
     ``targets [...]`` and ``bias [V]``."""
@@ -77,6 +85,8 @@ def check_head(hidden, weight, targets, bias, *, autocast: bool) -> None:
         _floating("bias", bias)
         _shaped("bias", bias, weight.shape[:1], "[V]")
         _same_device("bias", bias, hidden.device)
+        if bias.dtype != weight.dtype and not autocast:
+            raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype outside torch.autocast")
 
 
 MAX_TOPK = 8
@@ -99,7 +109,7 @@ def check_targets_range(targets: Tensor, vocab_size: int, ignore_index: int) -> 
 
 
 def check_options(targets: Tensor, vocab_size: int, *, token_weights, entropy_weights, class_weights,
-                  ignore_index, label_smoothing, z_loss, softcap, reduction, normalizer, shift,
+                  ignore_index, label_smoothing, z_loss, softcap, dft, reduction, normalizer, shift,
                   backend, filter_eps, topk=0) -> None:
     """Every loss option, against ``targets [...]`` and the vocabulary size."""
     device = targets.device
@@ -138,6 +148,8 @@ def check_options(targets: Tensor, vocab_size: int, *, token_weights, entropy_we
             value = _number("normalizer", normalizer)
         if not value > 0:
             raise ValueError(f"normalizer must be > 0, got {value}")
+    if not isinstance(dft, bool):
+        raise TypeError(f"dft must be a bool, got {type(dft).__name__}")
     if not isinstance(shift, bool):
         raise TypeError(f"shift must be a bool, got {type(shift).__name__}")
     if shift and targets.dim() < 1:

@@ -61,6 +61,16 @@ def make_head(n, d, v, dtype, *, seed, bias=False, device=DEVICE, ignore_frac=0.
     return (*cast, y.to(device))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The suite's shapes are tiny: intra-op threads gain nothing there, and on a loaded
+    2-core machine the thread pool's synchronisation costs far more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=backends())
 def backend(request):
     return request.param
