@@ -82,6 +82,21 @@ def _shift(t: Tensor, fill) -> Tensor:
     return torch.cat([t[..., 1:], torch.full_like(t[..., :1], fill)], dim=-1)
 
 
+def flat_targets(targets: Tensor, ignore_index: int, shift: bool) -> Tensor:
+    """``targets`` shifted (if ``shift``) and flattened to int64 ``[N]``, ``-1`` where ignored."""
+    if shift:
+        targets = _shift(targets, ignore_index)
+    return torch.where(targets == ignore_index, -1, targets).reshape(-1).long()
+
+
+def flat_weights(weights, shift: bool, dtype: torch.dtype):
+    """Per-token weights indexed like ``targets``, shifted with them and flattened to ``[N]``
+    in ``dtype``; a scalar (tensor or number) or None passes through."""
+    if not isinstance(weights, Tensor) or weights.dim() == 0:
+        return weights.to(dtype) if isinstance(weights, Tensor) else weights
+    return (_shift(weights, 0) if shift else weights).reshape(-1).to(dtype)
+
+
 def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Cast to the autocast dtype exactly as ``F.linear`` would; gradients flow back in the
     inputs' own dtypes."""
@@ -99,11 +114,14 @@ def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
 def prepare(hidden, weight, targets, *, bias=None, token_weights=None, entropy_weights=None,
             class_weights=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
             dft=False, reduction="mean", normalizer=None, shift=False, backend="auto",
-            filter_eps=None, topk=0) -> Prepared:
-    """Check every argument, apply autocast and ``shift``, flatten to ``N`` tokens."""
+            filter_eps=None, topk=0, vocab_size=None) -> Prepared:
+    """Check every argument, apply autocast and ``shift``, flatten to ``N`` tokens.
+
+    ``vocab_size``: the vocabulary that ``targets`` and ``class_weights`` index, when
+    ``weight`` holds only a shard of it (:mod:`sftkey.distributed`); default ``weight``'s rows."""
     autocast = isinstance(hidden, Tensor) and validation.autocast_enabled(hidden.device.type)
     validation.check_head(hidden, weight, targets, bias, autocast=autocast)
-    V = weight.shape[0]
+    V = weight.shape[0] if vocab_size is None else vocab_size
     validation.check_options(
         targets, V, token_weights=token_weights, entropy_weights=entropy_weights,
         class_weights=class_weights, ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -111,28 +129,15 @@ def prepare(hidden, weight, targets, *, bias=None, token_weights=None, entropy_w
         backend=backend, filter_eps=filter_eps, topk=topk)
     validation.check_targets_range(targets, V, ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    if shift:
-        targets = _shift(targets, ignore_index)
-        if token_weights is not None:
-            token_weights = _shift(token_weights, 0)
-        if isinstance(entropy_weights, Tensor) and entropy_weights.dim() > 0:
-            entropy_weights = _shift(entropy_weights, 0)
-    y = torch.where(targets == ignore_index, -1, targets).reshape(-1).long()
-
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-    def flat(t):
-        return t.reshape(-1).to(acc) if isinstance(t, Tensor) and t.dim() > 0 else t
-
-    if isinstance(entropy_weights, Tensor) and entropy_weights.dim() == 0:
-        entropy_weights = entropy_weights.to(acc)
     c = None if class_weights is None else class_weights.to(acc)
     opts = LossOptions(
-        vocab_size=V, token_weights=flat(token_weights), entropy_weights=flat(entropy_weights),
-        class_weights=c, label_smoothing=float(label_smoothing), z_loss=float(z_loss), dft=bool(dft))
+        vocab_size=V, token_weights=flat_weights(token_weights, shift, acc),
+        entropy_weights=flat_weights(entropy_weights, shift, acc), class_weights=c,
+        label_smoothing=float(label_smoothing), z_loss=float(z_loss), dft=bool(dft))
     return Prepared(
         x=hidden.reshape(-1, hidden.shape[-1]).contiguous(), w=weight.contiguous(),
-        b=None if bias is None else bias.contiguous(), y=y, c=c,
+        b=None if bias is None else bias.contiguous(), y=flat_targets(targets, ignore_index, shift), c=c,
         softcap=None if softcap is None else float(softcap), opts=opts, shape=targets.shape,
         device_type=hidden.device.type)
 

@@ -71,19 +71,26 @@ def token_losses(stats: Stats, y: Tensor, opts: LossOptions) -> Tensor:
     return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
 
 
-def denominator(y: Tensor, opts: LossOptions, normalizer=None, dtype=torch.float32) -> Tensor:
-    """The ``"mean"`` reduction's divisor in ``dtype``: ``sum_i a_i w_{y_i}`` over non-ignored
-    tokens (the count without weights), or ``normalizer``; 1 where that is 0, so an
-    all-ignored batch gives loss 0, not NaN."""
-    if normalizer is not None:
-        return torch.as_tensor(normalizer, dtype=dtype, device=y.device).reshape(())
-    valid = y >= 0
-    per_token = valid.to(dtype)
+def weight_sum(y: Tensor, opts: LossOptions, dtype=torch.float32) -> Tensor:
+    """``sum_i a_i w_{y_i}`` over non-ignored tokens (their count without weights), in ``dtype``."""
+    per_token = (y >= 0).to(dtype)
     if opts.class_weights is not None:
         per_token = per_token * opts.class_weights[y.clamp_min(0)].to(dtype)
     if opts.token_weights is not None:
         per_token = per_token * opts.token_weights.to(dtype)
-    total = per_token.sum()
+    return per_token.sum()
+
+
+def denominator(y: Tensor, opts: LossOptions, normalizer=None, dtype=torch.float32) -> Tensor:
+    """The ``"mean"`` reduction's divisor in ``dtype``: :func:`weight_sum`, or ``normalizer``;
+    1 where that is 0, so an all-ignored batch gives loss 0, not NaN."""
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, dtype=dtype, device=y.device).reshape(())
+    return nonzero(weight_sum(y, opts, dtype))
+
+
+def nonzero(total: Tensor) -> Tensor:
+    """``total``, or 1 where it is 0."""
     return torch.where(total == 0, torch.ones_like(total), total)
 
 
