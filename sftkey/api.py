@@ -189,8 +189,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     with p.autocast_off():
         if single_pass:
             scale = denom if denom is not None else torch.ones((), dtype=p.acc, device=p.y.device)
+            wanted = (opts.uses_expected_logit or return_stats, opts.uses_weighted_logit_sum)
             loss, *parts = SinglePassFunction.apply(
-                p.x, p.w, p.b, p.y, p.c, p.softcap, 0, be, filter_eps, block_loss_fn(p.y, opts, scale))
+                p.x, p.w, p.b, p.y, p.c, p.softcap, 0, be, filter_eps, block_loss_fn(p.y, opts, scale), wanted)
             stats = Stats(*parts[:5])
         else:
             stats = Stats(*StatsFunction.apply(p.x, p.w, p.b, p.y, p.c, p.softcap, 0, be, filter_eps)[:5])

@@ -25,6 +25,7 @@ class StatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps):
         stats = backend.forward(_head(x, w, b, y, c, softcap), topk)
+        ctx.set_materialize_grads(False)  # an unused statistic's gradient arrives as None
         ctx.save_for_backward(x, w, b, y, c, stats.lse, stats.expected_logit)
         ctx.softcap, ctx.backend, ctx.filter_eps = softcap, backend, filter_eps
         top = stats.topk if stats.topk is not None else stats.lse.new_empty(stats.lse.shape[0], 0)
@@ -48,16 +49,18 @@ class SinglePassFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps,
-                block_loss: BlockLoss):
+                block_loss: BlockLoss, wanted: tuple):
         head = _head(x, w, b, y, c, softcap)
-        loss, stats, dx, dw, db = backend.single_pass(head, block_loss, _needs(ctx, x, w, b), topk, filter_eps)
+        loss, stats, dx, dw, db = backend.single_pass(
+            head, block_loss, _needs(ctx, x, w, b), topk, filter_eps,
+            expected_logit=wanted[0], weighted_logit_sum=wanted[1])
         ctx.save_for_backward(dx, dw, db)
-        top = stats.topk if stats.topk is not None else stats.lse.new_empty(stats.lse.shape[0], 0)
-        outputs = (*stats[:5], top)
+        empty = stats.lse.new_empty(0)
+        outputs = tuple(empty if t is None else t for t in (*stats[:5], stats.topk))
         ctx.mark_non_differentiable(*outputs)
         return (torch.as_tensor(loss, dtype=stats.lse.dtype, device=x.device), *outputs)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
         grads = (None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)

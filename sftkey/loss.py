@@ -44,7 +44,13 @@ class LossOptions:
         )
 
     @property
-    def needs_weighted_logit_sum(self) -> bool:
+    def uses_expected_logit(self) -> bool:
+        """Whether the loss reads ``S`` (the entropy term)."""
+        return self.entropy_weights is not None
+
+    @property
+    def uses_weighted_logit_sum(self) -> bool:
+        """Whether the loss reads ``Z`` (label smoothing)."""
         return self.label_smoothing > 0
 
 
@@ -108,10 +114,11 @@ def block_loss_fn(y: Tensor, opts: LossOptions, scale: Tensor):
 
     def block_loss(rows: slice, stats: Stats):
         with torch.enable_grad():
-            leaves = [s.detach().requires_grad_() for s in stats[:4]]
+            leaves = [None if s is None else s.detach().requires_grad_() for s in stats[:4]]
             part = Stats(*leaves, stats.argmax, stats.topk)
             loss = token_losses(part, y[rows], opts.rows(rows)).sum() / scale.to(leaves[0].dtype)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return loss.detach(), StatGrads(*grads)
+            used = [s for s in leaves if s is not None]
+            grads = iter(torch.autograd.grad(loss, used, allow_unused=True))
+        return loss.detach(), StatGrads(*(None if s is None else next(grads) for s in leaves))
 
     return block_loss

@@ -26,6 +26,7 @@ from .. import config
 from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats
 
 _ROW_ALIGN = 16
+_STAGING_BYTES = 1 << 20  # float32 staging of one dW slice: about one core's L2
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,9 +34,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Workspace:
-    """The block buffers of one call, sized once and reused for every block of rows."""
+    """The block buffers of one call, sized once and reused for every block of rows.
+    ``two_buffers``: keep the logits beside ``exp(z - m)`` (needed for ``S`` and its gradient)."""
 
-    def __init__(self, head: Head):
+    def __init__(self, head: Head, two_buffers: bool):
         x, w = head.x, head.w
         n, V = x.shape[0], w.shape[0]
         self.acc = _acc_dtype(x.dtype)
@@ -43,7 +45,7 @@ class _Workspace:
         self.rows = min(rows, n)
         kw = dict(device=x.device)
         self.z = torch.empty(self.rows, V, dtype=self.acc, **kw)
-        self.p = torch.empty(self.rows, V, dtype=self.acc, **kw)
+        self.p = torch.empty(self.rows, V, dtype=self.acc, **kw) if two_buffers else None
         self.lo = None if x.dtype == self.acc else torch.empty(self.rows, V, dtype=x.dtype, **kw)
         self.f = None if head.softcap is None else torch.empty(self.rows, V, dtype=self.acc, **kw)
         self.b = None if head.b is None else head.b.to(self.acc)
@@ -73,33 +75,43 @@ class _Workspace:
             z.mul_(cap)
         return z, f
 
-    def stats(self, head: Head, rows: slice, z: Tensor, topk: int):
-        """Statistics of a block's logits; leaves ``p`` holding ``exp(z - m)``. Returns
-        ``(stats, p, sum_exp)``."""
+    def exp_shifted(self, z: Tensor, shift: Tensor) -> Tensor:
+        """``exp(z - shift)``: into the second buffer, or over ``z`` when there is none."""
+        if self.p is None:
+            return z.sub_(shift[:, None]).exp_()
+        return torch.sub(z, shift[:, None], out=self.p[: z.shape[0]]).exp_()
+
+    def stats(self, head: Head, rows: slice, z: Tensor, topk: int, want_s: bool, want_z: bool):
+        """Statistics of a block's logits (``S``, ``Z`` None where not wanted). Returns
+        ``(stats, e, sum_exp)`` with ``e = exp(z - m)``; without a second buffer ``e``
+        overwrites ``z``."""
         y = head.y[rows]
         m, argmax = z.max(dim=1)
-        p = torch.sub(z, m[:, None], out=self.p[: z.shape[0]]).exp_()
-        sum_exp = p.sum(dim=1)
-        S = torch.bmm(p[:, None, :], z[:, :, None]).view(-1) / sum_exp
-        lse = m + sum_exp.log()
         zy = z.gather(1, y.clamp_min(0)[:, None]).view(-1) * (y >= 0)
-        Z = z.sum(dim=1) if self.c is None else z @ self.c
+        Z = None
+        if want_z:
+            Z = z.sum(dim=1) if self.c is None else z @ self.c
         top = z.topk(topk, dim=1).values if topk else None
-        return Stats(lse, zy, S, Z, argmax, top), p, sum_exp
+        e = self.exp_shifted(z, m)
+        sum_exp = e.sum(dim=1)
+        S = torch.bmm(e[:, None, :], z[:, :, None]).view(-1) / sum_exp if want_s else None
+        return Stats(m + sum_exp.log(), zy, S, Z, argmax, top), e, sum_exp
 
-    def dz(self, head: Head, rows: slice, z: Tensor, p: Tensor, f: Optional[Tensor],
-           S: Tensor, grads: StatGrads) -> Tensor:
-        """``dz`` of a block, in place of ``z`` or ``p`` (DESIGN.md), given probabilities ``p``."""
+    def dz(self, head: Head, rows: slice, z: Tensor, e: Tensor, f: Optional[Tensor],
+           S: Optional[Tensor], grads: StatGrads, inv: Optional[Tensor] = None) -> Tensor:
+        """``dz`` of a block (DESIGN.md) in place of ``z`` or ``e``, where ``p = e * inv``
+        (``inv`` None: ``e`` is ``p``)."""
         g_lse, g_zy, g_S, g_Z = grads
-        if g_S is not None:
-            z.sub_((S - 1)[:, None]).mul_(g_S[:, None])
-            if g_lse is not None:
-                z.add_(g_lse[:, None])
-            dz = z.mul_(p)
-        elif g_lse is not None:
-            dz = p.mul_(g_lse[:, None])
+        k_lse, k_S = (g if g is None or inv is None else g * inv for g in (g_lse, g_S))
+        if k_S is not None:
+            z.sub_((S - 1)[:, None]).mul_(k_S[:, None])
+            if k_lse is not None:
+                z.add_(k_lse[:, None])
+            dz = z.mul_(e)
+        elif k_lse is not None:
+            dz = e.mul_(k_lse[:, None])
         else:
-            dz = p.zero_()
+            dz = e.zero_()
         if g_Z is not None:
             if self.c is None:
                 dz.add_(g_Z[:, None])
@@ -114,7 +126,11 @@ class _Workspace:
 
 
 class _Gradients:
-    """``dX``, ``dW`` and ``db`` accumulated block by block (``dW``, ``db`` in float32)."""
+    """``dX``, ``dW`` and ``db`` accumulated block by block (``dW``, ``db`` in float32).
+
+    A bf16/fp16 ``dW`` product of a vocabulary slice lands in a small staging pair (input
+    dtype, then float32) sized to stay in cache, and is added from there; a float32 one is
+    added in place by ``addmm_``."""
 
     def __init__(self, head: Head, needs: Needs, ws: _Workspace):
         x, w = head.x, head.w
@@ -122,7 +138,11 @@ class _Gradients:
         self.dx = torch.empty_like(x) if needs.dx else None
         self.dw = torch.zeros(w.shape, dtype=ws.acc, device=w.device) if needs.dw else None
         self.db = torch.zeros(w.shape[0], dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
-        self.v_slice = max(256, config.chunk_budget_bytes // (w.shape[1] * w.element_size()))
+        self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (w.shape[1] * 4))
+        if self.dw is not None and ws.lo is not None:
+            rows = min(self.v_slice, w.shape[0])
+            self.stage_lo = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
+            self.stage = torch.empty(rows, w.shape[1], dtype=ws.acc, device=w.device)
 
     def add(self, rows: slice, dz: Tensor) -> None:
         head, ws = self.head, self.ws
@@ -141,7 +161,9 @@ class _Gradients:
             if ws.lo is None:
                 self.dw[cols].addmm_(dz[:, cols].t(), x)
             else:
-                self.dw[cols].add_(dz[:, cols].t() @ x)
+                k = cols.stop - cols.start
+                torch.mm(dz[:, cols].t(), x, out=self.stage_lo[:k])
+                self.dw[cols].add_(self.stage[:k].copy_(self.stage_lo[:k]))
 
     def result(self):
         w, b = self.head.w, self.head.b
@@ -156,36 +178,37 @@ class TorchBackend(Backend):
     name = "torch"
 
     def forward(self, head: Head, topk: int = 0) -> Stats:
-        ws = _Workspace(head)
+        ws = _Workspace(head, two_buffers=True)
         parts = []
         for rows in ws.blocks(head.x.shape[0]):
             z, _ = ws.logits(head, rows)
-            parts.append(ws.stats(head, rows, z, topk)[0])
+            parts.append(ws.stats(head, rows, z, topk, want_s=True, want_z=True)[0])
         return _concat(parts)
 
     def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs,
                  filter_eps: Optional[float] = None):
-        ws = _Workspace(head)
+        ws = _Workspace(head, two_buffers=grads.expected_logit is not None)
         out = _Gradients(head, needs, ws)
         for rows in ws.blocks(head.x.shape[0]):
             z, f = ws.logits(head, rows)
-            p = torch.sub(z, stats.lse[rows, None], out=ws.p[: z.shape[0]]).exp_()
+            p = ws.exp_shifted(z, stats.lse[rows])
             g = StatGrads(*(None if t is None else t[rows] for t in grads))
-            out.add(rows, ws.dz(head, rows, z, p, f, stats.expected_logit[rows], g))
+            S = None if stats.expected_logit is None else stats.expected_logit[rows]
+            out.add(rows, ws.dz(head, rows, z, p, f, S, g))
         return out.result()
 
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
-                    filter_eps: Optional[float] = None):
-        ws = _Workspace(head)
+                    filter_eps: Optional[float] = None, *, expected_logit: bool = True,
+                    weighted_logit_sum: bool = True):
+        ws = _Workspace(head, two_buffers=expected_logit)
         out = _Gradients(head, needs, ws)
         parts, loss = [], 0
         for rows in ws.blocks(head.x.shape[0]):
             z, f = ws.logits(head, rows)
-            stats, p, sum_exp = ws.stats(head, rows, z, topk)
+            stats, e, sum_exp = ws.stats(head, rows, z, topk, expected_logit, weighted_logit_sum)
             block, grads = block_loss(rows, stats)
             loss = loss + block
-            p.div_(sum_exp[:, None])
-            out.add(rows, ws.dz(head, rows, z, p, f, stats.expected_logit, grads))
+            out.add(rows, ws.dz(head, rows, z, e, f, stats.expected_logit, grads, inv=sum_exp.reciprocal()))
             parts.append(stats)
         return (loss, _concat(parts), *out.result())
 
