@@ -5,10 +5,11 @@ import os
 
 _MIB = 1 << 20
 
-#: Bytes of float32 logits one block of rows may hold in the chunked torch backend.
-#: The block's working set is a small multiple of this; it bounds the extra memory.
+#: Bytes of logits (in the input dtype) one group of rows may hold in the chunked torch
+#: backend; its float32 working set adds at most as much again (half for plain
+#: cross-entropy on bf16/fp16). This bounds the extra memory.
 #: Set with :func:`set_chunk_budget` or the ``SFTKEY_CHUNK_MIB`` environment variable.
-chunk_budget_bytes: int = int(float(os.environ.get("SFTKEY_CHUNK_MIB", "16")) * _MIB)
+chunk_budget_bytes: int = int(float(os.environ.get("SFTKEY_CHUNK_MIB", "32")) * _MIB)
 
 
 def set_chunk_budget(mib: float) -> None:

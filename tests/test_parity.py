@@ -18,8 +18,8 @@ SEEDS = range(8)
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 16 rows and several vocabulary slices, so block edges are exercised."""
-    monkeypatch.setattr(config, "chunk_budget_bytes", 4096)
+    """Groups of 32 rows worked in blocks of 16 (bf16/fp16), so group and block edges are exercised."""
+    monkeypatch.setattr(config, "chunk_budget_bytes", 20000)
 
 
 def random_options(rng: random.Random, x, w, y, bias):

@@ -1,19 +1,22 @@
 """Chunked pure-PyTorch backend: any device, any dtype, never an N x V buffer.
 
-Rows are processed in blocks of ``r`` rows such that the block's float32 logits fit
-:data:`sftkey.config.chunk_budget_bytes`. Per block, with ``A`` the accumulation dtype
-(float64 for float64 inputs, else float32), the working set is reused across blocks:
+Rows go in *groups* of ``R`` rows, whose logits products land in one buffer of the input
+dtype that fits :data:`sftkey.config.chunk_budget_bytes`; each group is worked through in
+*blocks* of ``r <= R`` rows for the elementwise math in the accumulation dtype ``A``
+(float64 for float64 inputs, else float32). The buffers are reused for every group:
 
-* ``z``  ``[r, V]`` A: logits (soft-capped), later overwritten by ``dz``;
-* ``p``  ``[r, V]`` A: ``exp(z - m)``, then the probabilities;
-* ``lo`` ``[r, V]`` input dtype (bf16/fp16 only): the matmul output, later ``dz`` for the products;
-* ``f``  ``[r, V]`` A (softcap only): ``1 - (z / cap)^2``;
-* ``dW`` products in vocabulary slices of at most the budget, added into a float32 ``dW``
-  (one buffer of W's size for a bf16/fp16 W; none for float32, where ``addmm_`` adds in place).
+* ``out`` ``[R, V]`` input dtype: logits products, then ``dz`` for the gradient products;
+* ``z``   ``[r, V]`` A: a block's logits (soft-capped), later ``dz`` (bf16/fp16 inputs only;
+  for float32/float64 a block works on its rows of ``out`` directly);
+* ``p``   ``[r, V]`` A: ``exp(z - m)`` beside the logits, only where ``S`` or its gradient
+  is needed (else the exponential overwrites the logits);
+* ``f``   ``[r, V]`` A (softcap only): ``1 - (z / cap)^2``.
 
-Everything summed across blocks (``dW``, ``db``) is float32; ``dX`` of a block is one product
-over the whole vocabulary. The math of ``dz`` is DESIGN.md's; the one-hot term is a scatter and
-the class-weight term an in-place rank-one update of the block.
+The gradient products run once per group, so the float32 ``dW`` (one buffer of W's size for
+a bf16/fp16 W, none for float32, where ``addmm_`` adds in place) is read and written
+``N / R`` times; a bf16/fp16 product of a vocabulary slice goes through a staging pair sized
+to stay in cache. The math of ``dz`` is DESIGN.md's: the one-hot term is a scatter, the
+class-weight term an in-place rank-one update of the block.
 """
 from __future__ import annotations
 
@@ -29,51 +32,53 @@ _ROW_ALIGN = 16
 _STAGING_BYTES = 1 << 20  # float32 staging of one dW slice: about one core's L2
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _rows(budget: int, bytes_per_row: int, n: int) -> int:
+    """Rows of ``bytes_per_row`` that fit ``budget``: a multiple of 16 (at least 16), at most ``n``."""
+    return min(n, max(_ROW_ALIGN, budget // bytes_per_row // _ROW_ALIGN * _ROW_ALIGN))
 
 
 class _Workspace:
-    """The block buffers of one call, sized once and reused for every block of rows.
+    """The buffers of one call, sized once and reused for every group and block of rows.
     ``two_buffers``: keep the logits beside ``exp(z - m)`` (needed for ``S`` and its gradient)."""
 
     def __init__(self, head: Head, two_buffers: bool):
         x, w = head.x, head.w
         n, V = x.shape[0], w.shape[0]
-        self.acc = _acc_dtype(x.dtype)
-        rows = max(_ROW_ALIGN, config.chunk_budget_bytes // (4 * V) // _ROW_ALIGN * _ROW_ALIGN)
-        self.rows = min(rows, n)
-        kw = dict(device=x.device)
-        self.z = torch.empty(self.rows, V, dtype=self.acc, **kw)
-        self.p = torch.empty(self.rows, V, dtype=self.acc, **kw) if two_buffers else None
-        self.lo = None if x.dtype == self.acc else torch.empty(self.rows, V, dtype=x.dtype, **kw)
-        self.f = None if head.softcap is None else torch.empty(self.rows, V, dtype=self.acc, **kw)
+        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.lowp = x.dtype != self.acc
+        budget = config.chunk_budget_bytes
+        self.group_rows = _rows(budget, V * x.element_size(), n)
+        self.block_rows = _rows(budget // 2, V * 4, self.group_rows) if self.lowp else self.group_rows
+        kw = dict(dtype=self.acc, device=x.device)
+        self.out = torch.empty(self.group_rows, V, dtype=x.dtype, device=x.device)
+        self.z = torch.empty(self.block_rows, V, **kw) if self.lowp else None
+        self.p = torch.empty(self.block_rows, V, **kw) if two_buffers else None
+        self.f = None if head.softcap is None else torch.empty(self.block_rows, V, **kw)
         self.b = None if head.b is None else head.b.to(self.acc)
         self.c = None if head.c is None else head.c.to(self.acc)
 
-    def blocks(self, n: int):
-        for start in range(0, n, self.rows):
-            yield slice(start, min(start + self.rows, n))
+    def groups(self, n: int):
+        for start in range(0, n, self.group_rows):
+            yield slice(start, min(start + self.group_rows, n))
 
-    def logits(self, head: Head, rows: slice):
-        """``z`` (and ``f`` under softcap) for a block of rows; returns views of the buffers."""
-        r = rows.stop - rows.start
-        z = self.z[:r]
-        x = head.x[rows]
-        if self.lo is None:
-            torch.mm(x, head.w.t(), out=z)
-        else:
-            torch.mm(x, head.w.t(), out=self.lo[:r])
-            z.copy_(self.lo[:r])
+    def blocks(self, group: slice):
+        for start in range(group.start, group.stop, self.block_rows):
+            yield slice(start, min(start + self.block_rows, group.stop))
+
+    def logits(self, head: Head, group: slice, rows: slice):
+        """A block's logits ``z`` (and ``f`` under softcap), and its rows ``o`` of ``out``."""
+        o = self.out[rows.start - group.start: rows.stop - group.start]
+        torch.mm(head.x[rows], head.w.t(), out=o)
+        z = self.z[: o.shape[0]].copy_(o) if self.lowp else o
         if self.b is not None:
             z.add_(self.b)
         f = None
         if head.softcap is not None:
             cap = head.softcap
             z.div_(cap).tanh_()
-            f = torch.mul(z, z, out=self.f[:r]).neg_().add_(1)
+            f = torch.mul(z, z, out=self.f[: z.shape[0]]).neg_().add_(1)
             z.mul_(cap)
-        return z, f
+        return z, f, o
 
     def exp_shifted(self, z: Tensor, shift: Tensor) -> Tensor:
         """``exp(z - shift)``: into the second buffer, or over ``z`` when there is none."""
@@ -83,8 +88,8 @@ class _Workspace:
 
     def stats(self, head: Head, rows: slice, z: Tensor, topk: int, want_s: bool, want_z: bool):
         """Statistics of a block's logits (``S``, ``Z`` None where not wanted). Returns
-        ``(stats, e, sum_exp)`` with ``e = exp(z - m)``; without a second buffer ``e``
-        overwrites ``z``."""
+        ``(stats, e, sum_exp)`` with ``e = exp(z - m)``, which overwrites ``z`` where there is
+        no second buffer."""
         y = head.y[rows]
         m, argmax = z.max(dim=1)
         zy = z.gather(1, y.clamp_min(0)[:, None]).view(-1) * (y >= 0)
@@ -126,11 +131,7 @@ class _Workspace:
 
 
 class _Gradients:
-    """``dX``, ``dW`` and ``db`` accumulated block by block (``dW``, ``db`` in float32).
-
-    A bf16/fp16 ``dW`` product of a vocabulary slice lands in a small staging pair (input
-    dtype, then float32) sized to stay in cache, and is added from there; a float32 one is
-    added in place by ``addmm_``."""
+    """``dX``, ``dW`` and ``db`` from each group's ``dz`` (``dW``, ``db`` summed in float32)."""
 
     def __init__(self, head: Head, needs: Needs, ws: _Workspace):
         x, w = head.x, head.w
@@ -139,26 +140,25 @@ class _Gradients:
         self.dw = torch.zeros(w.shape, dtype=ws.acc, device=w.device) if needs.dw else None
         self.db = torch.zeros(w.shape[0], dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
         self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (w.shape[1] * 4))
-        if self.dw is not None and ws.lo is not None:
+        if self.dw is not None and ws.lowp:
             rows = min(self.v_slice, w.shape[0])
             self.stage_lo = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
             self.stage = torch.empty(rows, w.shape[1], dtype=ws.acc, device=w.device)
 
-    def add(self, rows: slice, dz: Tensor) -> None:
-        head, ws = self.head, self.ws
+    def add(self, group: slice, dz: Tensor) -> None:
+        """Add the products of a group's ``dz`` (its rows of ``out``, input dtype)."""
+        head = self.head
         if self.db is not None:
-            self.db.add_(dz.sum(dim=0))
-        if ws.lo is not None:
-            dz = ws.lo[: dz.shape[0]].copy_(dz)
-        x = head.x[rows]
+            self.db.add_(dz.sum(dim=0, dtype=self.db.dtype))
+        x = head.x[group]
         if self.dx is not None:
-            torch.mm(dz, head.w, out=self.dx[rows])
+            torch.mm(dz, head.w, out=self.dx[group])
         if self.dw is None:
             return
         V = head.w.shape[0]
         for v in range(0, V, self.v_slice):
             cols = slice(v, min(v + self.v_slice, V))
-            if ws.lo is None:
+            if not self.ws.lowp:
                 self.dw[cols].addmm_(dz[:, cols].t(), x)
             else:
                 k = cols.stop - cols.start
@@ -172,6 +172,12 @@ class _Gradients:
         return self.dx, dw, db
 
 
+def _keep(o: Tensor, dz: Tensor) -> None:
+    """Leave a block's ``dz`` in its rows ``o`` of ``out`` (in the input dtype)."""
+    if dz.data_ptr() != o.data_ptr():
+        o.copy_(dz)
+
+
 class TorchBackend(Backend):
     """Chunked PyTorch: forward, recompute backward, and a single pass for scalar losses."""
 
@@ -180,21 +186,23 @@ class TorchBackend(Backend):
     def forward(self, head: Head, topk: int = 0) -> Stats:
         ws = _Workspace(head, two_buffers=True)
         parts = []
-        for rows in ws.blocks(head.x.shape[0]):
-            z, _ = ws.logits(head, rows)
-            parts.append(ws.stats(head, rows, z, topk, want_s=True, want_z=True)[0])
+        for group in ws.groups(head.x.shape[0]):
+            for rows in ws.blocks(group):
+                z, _, _ = ws.logits(head, group, rows)
+                parts.append(ws.stats(head, rows, z, topk, want_s=True, want_z=True)[0])
         return _concat(parts)
 
     def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs,
                  filter_eps: Optional[float] = None):
         ws = _Workspace(head, two_buffers=grads.expected_logit is not None)
         out = _Gradients(head, needs, ws)
-        for rows in ws.blocks(head.x.shape[0]):
-            z, f = ws.logits(head, rows)
-            p = ws.exp_shifted(z, stats.lse[rows])
-            g = StatGrads(*(None if t is None else t[rows] for t in grads))
-            S = None if stats.expected_logit is None else stats.expected_logit[rows]
-            out.add(rows, ws.dz(head, rows, z, p, f, S, g))
+        for group in ws.groups(head.x.shape[0]):
+            for rows in ws.blocks(group):
+                z, f, o = ws.logits(head, group, rows)
+                p = ws.exp_shifted(z, stats.lse[rows])
+                g = StatGrads(*(None if t is None else t[rows] for t in grads))
+                _keep(o, ws.dz(head, rows, z, p, f, stats.expected_logit[rows], g))
+            out.add(group, ws.out[: group.stop - group.start])
         return out.result()
 
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
@@ -203,13 +211,15 @@ class TorchBackend(Backend):
         ws = _Workspace(head, two_buffers=expected_logit)
         out = _Gradients(head, needs, ws)
         parts, loss = [], 0
-        for rows in ws.blocks(head.x.shape[0]):
-            z, f = ws.logits(head, rows)
-            stats, e, sum_exp = ws.stats(head, rows, z, topk, expected_logit, weighted_logit_sum)
-            block, grads = block_loss(rows, stats)
-            loss = loss + block
-            out.add(rows, ws.dz(head, rows, z, e, f, stats.expected_logit, grads, inv=sum_exp.reciprocal()))
-            parts.append(stats)
+        for group in ws.groups(head.x.shape[0]):
+            for rows in ws.blocks(group):
+                z, f, o = ws.logits(head, group, rows)
+                stats, e, sum_exp = ws.stats(head, rows, z, topk, expected_logit, weighted_logit_sum)
+                block, grads = block_loss(rows, stats)
+                loss = loss + block
+                _keep(o, ws.dz(head, rows, z, e, f, stats.expected_logit, grads, inv=sum_exp.reciprocal()))
+                parts.append(stats)
+            out.add(group, ws.out[: group.stop - group.start])
         return (loss, _concat(parts), *out.result())
 
 

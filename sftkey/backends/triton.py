@@ -20,10 +20,10 @@ from sftkey.kernels.backward import backward_kernel
 from sftkey.kernels.configs import KernelConfig, default_config
 from sftkey.kernels.forward import forward_kernel
 
+from ..validation import MAX_TOPK
 from .base import Backend, Head, Needs, StatGrads, Stats
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_TOPK = 8
 _CHUNK = 8192  # rows per chunk of the host-side vector-matrix products
 
 
