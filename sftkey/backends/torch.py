@@ -56,6 +56,7 @@ class _Workspace:
         self.f = None if head.softcap is None else torch.empty(self.block_rows, V, **kw)
         self.b = None if head.b is None else head.b.to(self.acc)
         self.c = None if head.c is None else head.c.to(self.acc)
+        self.softcap = head.softcap
 
     def groups(self, n: int):
         for start in range(0, n, self.group_rows):
@@ -65,16 +66,19 @@ class _Workspace:
         for start in range(group.start, group.stop, self.block_rows):
             yield slice(start, min(start + self.block_rows, group.stop))
 
-    def logits(self, head: Head, group: slice, rows: slice):
-        """A block's logits ``z`` (and ``f`` under softcap), and its rows ``o`` of ``out``."""
+    def products(self, head: Head, group: slice) -> None:
+        """The logits products of a group of rows, into ``out``."""
+        torch.mm(head.x[group], head.w.t(), out=self.out[: group.stop - group.start])
+
+    def logits(self, group: slice, rows: slice):
+        """A block's logits ``z`` (and ``f`` under softcap) from its rows ``o`` of ``out``."""
         o = self.out[rows.start - group.start: rows.stop - group.start]
-        torch.mm(head.x[rows], head.w.t(), out=o)
         z = self.z[: o.shape[0]].copy_(o) if self.lowp else o
         if self.b is not None:
             z.add_(self.b)
         f = None
-        if head.softcap is not None:
-            cap = head.softcap
+        if self.softcap is not None:
+            cap = self.softcap
             z.div_(cap).tanh_()
             f = torch.mul(z, z, out=self.f[: z.shape[0]]).neg_().add_(1)
             z.mul_(cap)
@@ -131,17 +135,25 @@ class _Workspace:
 
 
 class _Gradients:
-    """``dX``, ``dW`` and ``db`` from each group's ``dz`` (``dW``, ``db`` summed in float32)."""
+    """``dX``, ``dW`` and ``db`` from each group's ``dz``; sums across groups in float32.
+
+    ``dW`` of a float32 W, or of a single group, is the products themselves (``addmm_`` adds
+    in place). A bf16/fp16 W over several groups sums in a float32 buffer of W's size: each
+    vocabulary slice's product goes through a staging pair sized to stay in cache, and the
+    last group writes the slice's sum in W's dtype while it is there."""
 
     def __init__(self, head: Head, needs: Needs, ws: _Workspace):
         x, w = head.x, head.w
         self.head, self.ws = head, ws
         self.dx = torch.empty_like(x) if needs.dx else None
-        self.dw = torch.zeros(w.shape, dtype=ws.acc, device=w.device) if needs.dw else None
         self.db = torch.zeros(w.shape[0], dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
+        self.dw = torch.empty_like(w) if needs.dw else None
+        self.sum = None
+        self.first = True
         self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (w.shape[1] * 4))
-        if self.dw is not None and ws.lowp:
+        if self.dw is not None and ws.lowp and x.shape[0] > ws.group_rows:
             rows = min(self.v_slice, w.shape[0])
+            self.sum = torch.empty(w.shape, dtype=ws.acc, device=w.device)
             self.stage_lo = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
             self.stage = torch.empty(rows, w.shape[1], dtype=ws.acc, device=w.device)
 
@@ -155,21 +167,29 @@ class _Gradients:
             torch.mm(dz, head.w, out=self.dx[group])
         if self.dw is None:
             return
-        V = head.w.shape[0]
+        V, last = head.w.shape[0], group.stop == head.x.shape[0]
         for v in range(0, V, self.v_slice):
             cols = slice(v, min(v + self.v_slice, V))
-            if not self.ws.lowp:
-                self.dw[cols].addmm_(dz[:, cols].t(), x)
+            dzt = dz[:, cols].t()
+            if self.sum is None:
+                if self.first:
+                    torch.mm(dzt, x, out=self.dw[cols])
+                else:
+                    self.dw[cols].addmm_(dzt, x)
+                continue
+            k = cols.stop - cols.start
+            part = torch.mm(dzt, x, out=self.stage_lo[:k])
+            if self.first:
+                self.sum[cols].copy_(part)
+            elif last:
+                self.dw[cols].copy_(self.stage[:k].copy_(part).add_(self.sum[cols]))
             else:
-                k = cols.stop - cols.start
-                torch.mm(dz[:, cols].t(), x, out=self.stage_lo[:k])
-                self.dw[cols].add_(self.stage[:k].copy_(self.stage_lo[:k]))
+                self.sum[cols].add_(self.stage[:k].copy_(part))
+        self.first = False
 
     def result(self):
-        w, b = self.head.w, self.head.b
-        dw = None if self.dw is None else self.dw.to(w.dtype)
-        db = None if self.db is None else self.db.to(b.dtype)
-        return self.dx, dw, db
+        db = None if self.db is None else self.db.to(self.head.b.dtype)
+        return self.dx, self.dw, db
 
 
 def _keep(o: Tensor, dz: Tensor) -> None:
@@ -187,8 +207,9 @@ class TorchBackend(Backend):
         ws = _Workspace(head, two_buffers=True)
         parts = []
         for group in ws.groups(head.x.shape[0]):
+            ws.products(head, group)
             for rows in ws.blocks(group):
-                z, _, _ = ws.logits(head, group, rows)
+                z, _, _ = ws.logits(group, rows)
                 parts.append(ws.stats(head, rows, z, topk, want_s=True, want_z=True)[0])
         return _concat(parts)
 
@@ -197,8 +218,9 @@ class TorchBackend(Backend):
         ws = _Workspace(head, two_buffers=grads.expected_logit is not None)
         out = _Gradients(head, needs, ws)
         for group in ws.groups(head.x.shape[0]):
+            ws.products(head, group)
             for rows in ws.blocks(group):
-                z, f, o = ws.logits(head, group, rows)
+                z, f, o = ws.logits(group, rows)
                 p = ws.exp_shifted(z, stats.lse[rows])
                 g = StatGrads(*(None if t is None else t[rows] for t in grads))
                 _keep(o, ws.dz(head, rows, z, p, f, stats.expected_logit[rows], g))
@@ -212,8 +234,9 @@ class TorchBackend(Backend):
         out = _Gradients(head, needs, ws)
         parts, loss = [], 0
         for group in ws.groups(head.x.shape[0]):
+            ws.products(head, group)
             for rows in ws.blocks(group):
-                z, f, o = ws.logits(head, group, rows)
+                z, f, o = ws.logits(group, rows)
                 stats, e, sum_exp = ws.stats(head, rows, z, topk, expected_logit, weighted_logit_sum)
                 block, grads = block_loss(rows, stats)
                 loss = loss + block
