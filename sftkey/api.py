@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from . import validation
 from .autograd import SinglePassFunction, StatsFunction
 from .backends import get_backend
-from .backends.base import Stats
+from .backends.base import Head, Stats
 from .loss import LossOptions, block_loss_fn, denominator, reduce, token_losses
 
 class LossStats(NamedTuple):
@@ -50,17 +50,11 @@ class LogitStats:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """Validated inputs, flattened to ``N`` tokens: ``x [N, D]``, ``w [V, D]``, ``b [V]``,
-    ``y [N]`` int64 (``-1`` = ignored), ``c [V]`` class weights; weights in the
-    accumulation dtype (float64 for float64 inputs, else float32)."""
+class Prepared(Head):
+    """Validated inputs, flattened to ``N`` tokens (a backend's :class:`Head`: ``x [N, D]``,
+    ``w [V, D]``, ``b [V]``, ``y [N]`` int64 with ``-1`` = ignored, ``c [V]``), and the loss's
+    options, weights in the accumulation dtype (float64 for float64 inputs, else float32)."""
 
-    x: Tensor
-    w: Tensor
-    b: Optional[Tensor]
-    y: Tensor
-    c: Optional[Tensor]
-    softcap: Optional[float]
     opts: LossOptions
     shape: torch.Size
     device_type: str

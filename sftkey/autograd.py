@@ -14,17 +14,13 @@ def _needs(ctx, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Needs:
     return Needs(ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
 
 
-def _head(x, w, b, y, c, softcap) -> Head:
-    return Head(x, w, b, y, c, softcap)
-
-
 class StatsFunction(torch.autograd.Function):
     """``(x, w, b) -> (lse, target_logit, expected_logit, weighted_logit_sum, argmax, topk)``;
     the backward takes one upstream gradient per differentiable statistic."""
 
     @staticmethod
     def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps):
-        stats = backend.forward(_head(x, w, b, y, c, softcap), topk)
+        stats = backend.forward(Head(x, w, b, y, c, softcap), topk)
         ctx.set_materialize_grads(False)  # an unused statistic's gradient arrives as None
         ctx.save_for_backward(x, w, b, y, c, stats.lse, stats.expected_logit)
         ctx.softcap, ctx.backend, ctx.filter_eps = softcap, backend, filter_eps
@@ -35,7 +31,7 @@ class StatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lse, g_zy, g_S, g_Z, _g_argmax, _g_topk):
         x, w, b, y, c, lse, S = ctx.saved_tensors
-        head = _head(x, w, b, y, c, ctx.softcap)
+        head = Head(x, w, b, y, c, ctx.softcap)
         stats = Stats(lse, None, S, None, None)
         grads = StatGrads(*(None if g is None else g.to(lse.dtype).contiguous() for g in (g_lse, g_zy, g_S, g_Z)))
         dx, dw, db = ctx.backend.backward(head, stats, grads, _needs(ctx, x, w, b), ctx.filter_eps)
@@ -50,7 +46,7 @@ class SinglePassFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps,
                 block_loss: BlockLoss, wanted: tuple):
-        head = _head(x, w, b, y, c, softcap)
+        head = Head(x, w, b, y, c, softcap)
         loss, stats, dx, dw, db = backend.single_pass(
             head, block_loss, _needs(ctx, x, w, b), topk, filter_eps,
             expected_logit=wanted[0], weighted_logit_sum=wanted[1])
