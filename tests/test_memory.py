@@ -1,7 +1,7 @@
-"""The torch backend's extra memory is bounded by its block budget, never proportional to
-N x V: peak RSS of a forward+backward at N=4096, V=65536 (float32 logits: 1 GiB),
-measured in a fresh subprocess (Linux: the peak is reset to the current RSS just before the
-call, so the start-up's own peak does not count)."""
+"""The backends' extra memory is bounded by their blocks, never proportional to N x V: peak
+RSS of a forward+backward in a fresh subprocess (Linux: the peak is reset to the current RSS
+just before the call, so the start-up's own peak does not count). The materializing
+reference is measured the same way, so the measurement is known to catch an N x V buffer."""
 import json
 import os
 import subprocess
@@ -10,17 +10,22 @@ import textwrap
 
 import pytest
 
-N, D, V = 4096, 64, 65536
-LOGITS_MIB = N * V * 4 / 2**20
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc peak-RSS reset")]
 
-SCRIPT = textwrap.dedent(f"""
-    import json, torch, sftkey
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch, sftkey
+    backend, reduction, n, d, v = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+    if backend == "triton":  # big interpreter tiles: few programs, so the interpreter is quick
+        from sftkey.backends import get_backend
+        from sftkey.kernels.configs import KernelConfig
+        be = get_backend("triton", torch.device("cpu"))
+        be.forward_config = be.backward_config = KernelConfig(block_n=64, block_v=256, block_d=16)
     torch.manual_seed(0)
-    x = torch.randn({N}, {D}, requires_grad=True)
-    w = (torch.randn({V}, {D}) / 8).requires_grad_()
-    y = torch.randint(0, {V}, ({N},))
-    gx, gw = torch.empty_like(x), torch.empty_like(w)      # the gradients' own memory, counted as inputs
-    tiny = sftkey.linear_cross_entropy(x[:8], w[:64], y[:8] % 64, backend="torch"); tiny.backward()
+    x = torch.randn(n, d, requires_grad=True)
+    w = (torch.randn(v, d) / d ** 0.5).requires_grad_()
+    y = torch.randint(0, v, (n,))
+    sftkey.linear_cross_entropy(x[:8], w[:300], y[:8] % 300, backend=backend).backward()
     x.grad = w.grad = None
 
     def status_mib(field):
@@ -30,34 +35,42 @@ SCRIPT = textwrap.dedent(f"""
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
     before = status_mib("VmRSS:")
-    loss = sftkey.linear_cross_entropy(x, w, y, backend=BACKEND, reduction=REDUCTION)
+    loss = sftkey.linear_cross_entropy(x, w, y, backend=backend, reduction=reduction)
     loss.sum().backward()
-    peak = status_mib("VmHWM:")
-    print(json.dumps({{"extra_mib": peak - before, "loss": float(loss.sum())}}))
+    print(json.dumps({"extra_mib": status_mib("VmHWM:") - before}))
 """)
 
-
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc peak-RSS reset")
-
-
-def measure(backend: str, reduction: str) -> dict:
-    code = SCRIPT.replace("BACKEND", repr(backend)).replace("REDUCTION", repr(reduction))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+TORCH_SHAPE = (4096, 64, 65536)    # float32 logits: 1 GiB
+TRITON_SHAPE = (512, 16, 16384)    # float32 logits: 32 MiB (the interpreter is slow)
 
 
-@pytest.mark.slow
+def logits_mib(shape) -> float:
+    n, _, v = shape
+    return n * v * 4 / 2**20
+
+
+def extra_mib(backend: str, reduction: str, shape) -> float:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    args = [sys.executable, "-c", SCRIPT, backend, reduction, *map(str, shape)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True, env=env)
+    extra = json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
+    print(f"{backend}, reduction={reduction}, (N, D, V)={shape}: {extra:.1f} MiB extra vs "
+          f"{logits_mib(shape):.0f} MiB of logits")
+    return extra
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_torch_backend_extra_memory_bounded(reduction):
-    """Single pass (mean) and recompute (none): extra memory under a tenth of the logits'
-    size. The materializing reference is measured too, so the test is known to catch an
-    N x V buffer."""
-    got = measure("torch", reduction)
-    print(f"torch backend, reduction={reduction}: {got['extra_mib']:.0f} MiB extra vs {LOGITS_MIB:.0f} MiB of logits")
-    assert got["extra_mib"] < LOGITS_MIB / 10
+    """Single pass (mean) and recompute (none): under a tenth of the logits' size."""
+    assert extra_mib("torch", reduction, TORCH_SHAPE) < logits_mib(TORCH_SHAPE) / 10
 
 
-@pytest.mark.slow
-def test_measurement_sees_materialized_logits():
-    ref = measure("reference", "mean")
-    assert ref["extra_mib"] > LOGITS_MIB
+def test_triton_backend_under_interpreter_allocates_no_logits():
+    """The fused kernels hold no N x V buffer (dW's float32 buffer is 1 MiB here)."""
+    pytest.importorskip("triton")
+    assert extra_mib("triton", "mean", TRITON_SHAPE) < logits_mib(TRITON_SHAPE) / 4
+
+
+@pytest.mark.parametrize("shape", [TORCH_SHAPE, TRITON_SHAPE], ids=["torch-shape", "triton-shape"])
+def test_measurement_sees_materialized_logits(shape):
+    assert extra_mib("reference", "mean", shape) > logits_mib(shape)
