@@ -1,5 +1,6 @@
 """Every backend against the float64 reference: loss, dX, dW, db, over random combinations
 of all options and reductions, odd shapes, every dtype, ignored tokens and zero weights."""
+import importlib
 import random
 
 import pytest
@@ -10,6 +11,8 @@ from sftkey import config
 
 from conftest import DEVICE, DTYPES, assert_close, make_head
 
+torch_backend = importlib.import_module("sftkey.backends.torch")  # the package's `torch` attribute is the library
+
 # (N, D, V): N=1, V prime, D not a power of two, V above one vocabulary slice of the dW products
 SHAPES = [(1, 16, 7), (37, 40, 257), (50, 24, 131), (33, 48, 300)]
 REDUCTIONS = ("mean", "sum", "none")
@@ -18,8 +21,10 @@ SEEDS = range(8)
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Groups of 32 rows worked in blocks of 16 (bf16/fp16), so group and block edges are exercised."""
+    """Groups of 32 rows worked in blocks of 16 (bf16/fp16), and dW staged in slices of tens
+    of vocabulary rows, so group, block and slice edges are exercised."""
     monkeypatch.setattr(config, "chunk_budget_bytes", 20000)
+    monkeypatch.setattr(torch_backend, "_STAGING_BYTES", 8192)
 
 
 def random_options(rng: random.Random, x, w, y, bias):

@@ -29,7 +29,7 @@ from .. import config
 from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats
 
 _ROW_ALIGN = 16
-_STAGING_BYTES = 1 << 20  # float32 staging of one dW slice: about one core's L2
+_STAGING_BYTES = 4 << 20  # float32 staging of one dW slice: stays in cache, keeps the products large
 
 
 def _rows(budget: int, bytes_per_row: int, n: int) -> int:
@@ -150,8 +150,8 @@ class _Gradients:
         self.dw = torch.empty_like(w) if needs.dw else None
         self.sum = None
         self.first = True
-        self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (w.shape[1] * 4))
         if self.dw is not None and ws.lowp and x.shape[0] > ws.group_rows:
+            self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (w.shape[1] * 4))
             rows = min(self.v_slice, w.shape[0])
             self.sum = torch.empty(w.shape, dtype=ws.acc, device=w.device)
             self.stage_lo = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
@@ -167,25 +167,28 @@ class _Gradients:
             torch.mm(dz, head.w, out=self.dx[group])
         if self.dw is None:
             return
-        V, last = head.w.shape[0], group.stop == head.x.shape[0]
+        if self.sum is None:  # float32 W, or a single group: the products are dW itself
+            if self.first:
+                torch.mm(dz.t(), x, out=self.dw)
+            else:
+                self.dw.addmm_(dz.t(), x)
+        else:
+            self._add_staged(dz, x, last=group.stop == head.x.shape[0])
+        self.first = False
+
+    def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
+        """A bf16/fp16 group's ``dW`` products, slice by slice through the staging pair."""
+        V = dz.shape[1]
         for v in range(0, V, self.v_slice):
             cols = slice(v, min(v + self.v_slice, V))
-            dzt = dz[:, cols].t()
-            if self.sum is None:
-                if self.first:
-                    torch.mm(dzt, x, out=self.dw[cols])
-                else:
-                    self.dw[cols].addmm_(dzt, x)
-                continue
             k = cols.stop - cols.start
-            part = torch.mm(dzt, x, out=self.stage_lo[:k])
+            part = torch.mm(dz[:, cols].t(), x, out=self.stage_lo[:k])
             if self.first:
                 self.sum[cols].copy_(part)
             elif last:
                 self.dw[cols].copy_(self.stage[:k].copy_(part).add_(self.sum[cols]))
             else:
                 self.sum[cols].add_(self.stage[:k].copy_(part))
-        self.first = False
 
     def result(self):
         db = None if self.db is None else self.db.to(self.head.b.dtype)
