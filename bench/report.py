@@ -103,7 +103,7 @@ def notes(rows: list, meta: dict) -> list:
                         if r["dtype"] != "fp32")
     if w32:  # DESIGN.md: memory figures state the float32 accumulator of dW apart
         lines.append("extra includes a float32 copy of W's size where an implementation accumulates dW in float32 "
-                     "(sftkey for bf16/fp16 W, TRL, Liger here): " + ", ".join(w32))
+                     "(sftkey for a bf16/fp16 W when N spans more than one group of rows, TRL, Liger here): " + ", ".join(w32))
     rates = [r["matmul_gflops"] for r in rows if "matmul_gflops" in r]
     span = f"{min(rates):,.0f}–{max(rates):,.0f} GFLOP/s" if rates else "none measured"
     lines.append(f"floor = {meta['pass']} matmul FLOPs ({'6' if meta['pass'] == 'fwd-bwd' else '2'}NDV) at the best "
