@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from . import validation
 from .autograd import SinglePassFunction, StatsFunction
 from .backends import get_backend
-from .backends.base import Head, Stats
+from .backends.base import Head, Stats, accumulation_dtype
 from .loss import LossOptions, block_loss_fn, denominator, reduce, token_losses
+
 
 class LossStats(NamedTuple):
     """Per-token statistics returned with ``return_stats=True``, each shaped like ``targets``:
@@ -62,7 +63,7 @@ class Prepared(Head):
     @property
     def acc(self) -> torch.dtype:
         """The accumulation dtype: float64 for float64 inputs, else float32."""
-        return torch.float64 if self.x.dtype == torch.float64 else torch.float32
+        return accumulation_dtype(self.x.dtype)
 
     def autocast_off(self):
         """Keep an enclosing ``torch.autocast`` from re-casting the backends' products."""
@@ -123,7 +124,7 @@ def prepare(hidden, weight, targets, *, bias=None, token_weights=None, entropy_w
         backend=backend, filter_eps=filter_eps, topk=topk)
     validation.check_targets_range(targets, V, ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(hidden.dtype)
     c = None if class_weights is None else class_weights.to(acc)
     opts = LossOptions(
         vocab_size=V, token_weights=flat_weights(token_weights, shift, acc),

@@ -33,16 +33,12 @@ from torch import Tensor
 from .api import flat_targets, flat_weights, loss_stats, prepare
 from .autograd import StatsFunction
 from .backends import get_backend
-from .backends.base import Backend, Head, Needs, StatGrads, Stats
+from .backends.base import Backend, Head, Needs, StatGrads, Stats, accumulation_dtype
 from .loss import LossOptions, denominator, nonzero, reduce, token_losses, weight_sum
 
 __all__ = ["VocabShardBackend", "global_normalizer", "vocab_parallel_linear_cross_entropy"]
 
 _NO_INDEX = torch.iinfo(torch.int64).max
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class VocabShardBackend(Backend):
@@ -79,7 +75,7 @@ class VocabShardBackend(Backend):
                  filter_eps: Optional[float] = None):
         dx, dw, db = self.inner.backward(head, stats, grads, needs, filter_eps)
         if dx is not None:
-            total = dx.to(_acc(dx.dtype))
+            total = dx.to(accumulation_dtype(dx.dtype))
             dist.all_reduce(total, group=self.group)
             dx = total.to(dx.dtype)
         return dx, dw, db

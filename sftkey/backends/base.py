@@ -22,6 +22,11 @@ import torch
 from torch import Tensor
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and sums are kept in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class Stats(NamedTuple):
     """Per-token statistics of one logits row, each ``[N]`` unless stated.
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import config
-from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats
+from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats, accumulation_dtype
 
 _ROW_ALIGN = 16
 _STAGING_BYTES = 4 << 20  # float32 staging of one dW slice: stays in cache, keeps the products large
@@ -44,7 +44,7 @@ class _Workspace:
     def __init__(self, head: Head, two_buffers: bool):
         x, w = head.x, head.w
         n, V = x.shape[0], w.shape[0]
-        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.acc = accumulation_dtype(x.dtype)
         self.lowp = x.dtype != self.acc
         budget = config.chunk_budget_bytes
         self.group_rows = _rows(budget, V * x.element_size(), n)
