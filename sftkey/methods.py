@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from .api import LogitStats
+from .loss import nonzero
+from .loss import reduce as reduce_losses
 
 __all__ = ["sft", "sftkey", "cft", "dft", "sed_sft", "entropy_bonus", "focal", "reduce"]
 
@@ -102,17 +104,14 @@ def reduce(losses: Tensor, st: LogitStats, *, weights: Optional[Tensor] = None,
     ``"mean"`` = sum over tokens / ``sum(weights)`` over non-ignored tokens (their count when
     ``weights`` is None), or / ``normalizer`` when given (e.g. ``num_items_in_batch``). A batch
     with nothing to divide by gives 0, never NaN; ``"none"`` returns ``losses`` unchanged."""
-    if reduction == "none":
-        return losses
-    total = losses.sum()
-    if reduction == "sum":
-        return total
-    if reduction != "mean":
+    if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    if normalizer is None:
-        per_token = st.valid.to(total.dtype)
-        if weights is not None:
-            per_token = per_token * _weights(st, weights, "weights")
-        normalizer = per_token.sum()
-    denom = torch.as_tensor(normalizer, dtype=total.dtype, device=total.device)
-    return total / torch.where(denom == 0, torch.ones_like(denom), denom)
+    denom = None
+    if reduction == "mean":
+        if normalizer is None:
+            per_token = st.valid.to(losses.dtype)
+            if weights is not None:
+                per_token = per_token * _weights(st, weights, "weights")
+            normalizer = per_token.sum()
+        denom = nonzero(torch.as_tensor(normalizer, dtype=losses.dtype, device=losses.device))
+    return reduce_losses(losses, reduction, denom)
