@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
+from .api import flat_targets
 from .integrations.transformers import is_patched, use_fused_loss
 
 __all__ = ["FusedLossMixin", "SFTKeyTrainer", "Stage"]
@@ -101,9 +101,11 @@ class FusedLossMixin:
 
 def _trained_tokens(inputs: dict[str, Any]) -> torch.Tensor:
     """Bool mask of the predictions that have a target, shaped like the labels (shifted)."""
-    if inputs.get("shift_labels") is not None:
-        return inputs["shift_labels"] != -100
-    return F.pad(inputs["labels"][..., 1:] != -100, (0, 1), value=False)
+    labels = inputs.get("shift_labels")
+    shift = labels is None
+    if shift:
+        labels = inputs["labels"]
+    return (flat_targets(labels, -100, shift) >= 0).reshape(labels.shape)
 
 
 @dataclass
