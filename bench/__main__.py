@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--softcap", type=float)
     p.add_argument("--z-loss", type=float, default=0.0)
     p.add_argument("--filter-eps", type=float, help="gradient filtering threshold (sftkey, CCE on CUDA)")
+    p.add_argument("--ignored", type=float, default=0.1, metavar="SHARE",
+                   help="share of targets set to ignore_index (prompt tokens; default 0.1)")
     p.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of: {', '.join(IMPLS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation and case")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -49,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --impl {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if not 0 <= args.ignored < 1:
+        p.error(f"--ignored must be in [0, 1), got {args.ignored}")
     try:
         args.cases, args.name = select_cases(args)
     except ValueError as e:
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases, name = args.cases, args.name
     opts = Options(token_weights=args.token_weights, entropy=args.entropy, label_smoothing=args.label_smoothing,
-                   softcap=args.softcap, z_loss=args.z_loss, filter_eps=args.filter_eps)
+                   softcap=args.softcap, z_loss=args.z_loss, filter_eps=args.filter_eps, ignored=args.ignored)
     workers = {impl: Worker(impl) for impl in args.impl.split(",")}
     device = torch.device(args.device)
     console = Console(width=None if sys.stdout.isatty() else 160)

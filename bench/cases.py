@@ -17,8 +17,6 @@ MODELS = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IGNORE_INDEX = -100
-#: Share of targets set to ``IGNORE_INDEX`` (prompt tokens in SFT).
-IGNORED_SHARE = 0.1
 #: Input sets rotated among timed runs, so that no run finds its inputs in cache ...
 ROTATED_SETS = 3
 #: ... unless one set is larger than any cache, where rotating only costs memory.
@@ -52,7 +50,9 @@ class Case:
 
 @dataclass(frozen=True)
 class Options:
-    """Loss options of a run; ``filter_eps`` changes speed, not the loss."""
+    """Loss options of a run; ``filter_eps`` changes speed, not the loss; ``ignored`` is the
+    share of targets set to ``IGNORE_INDEX`` (prompt tokens in SFT), which every
+    implementation takes."""
 
     token_weights: bool = False
     entropy: float = 0.0
@@ -60,11 +60,13 @@ class Options:
     softcap: Optional[float] = None
     z_loss: float = 0.0
     filter_eps: Optional[float] = None
+    ignored: float = 0.1
 
     def active(self) -> frozenset:
         """Names of the loss-defining options that are set."""
         defaults = Options()
-        return frozenset(k for k, v in asdict(self).items() if k != "filter_eps" and v != getattr(defaults, k))
+        return frozenset(k for k, v in asdict(self).items()
+                         if k not in ("filter_eps", "ignored") and v != getattr(defaults, k))
 
     def sftkey_kwargs(self, token_weights: Optional[torch.Tensor]) -> dict:
         """Keyword arguments of ``sftkey.linear_cross_entropy`` for these options."""
@@ -81,13 +83,14 @@ class Inputs(NamedTuple):
 
 
 def make_inputs(case: Case, opts: Options, device: torch.device, seed: int) -> Inputs:
-    """Deterministic inputs for ``seed``: logits of standard deviation about 2, 10% ignored targets."""
+    """Deterministic inputs for ``seed``: logits of standard deviation about 2, a share
+    ``opts.ignored`` of the targets ignored."""
     g = torch.Generator(device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
     x = torch.randn(case.n, case.d, generator=g, device=device).to(dtype)
     w = (torch.randn(case.v, case.d, generator=g, device=device) * (2 / case.d ** 0.5)).to(dtype)
     y = torch.randint(0, case.v, (case.n,), generator=g, device=device)
-    y[torch.rand(case.n, generator=g, device=device) < IGNORED_SHARE] = IGNORE_INDEX
+    y[torch.rand(case.n, generator=g, device=device) < opts.ignored] = IGNORE_INDEX
     a = torch.rand(case.n, generator=g, device=device) if opts.token_weights else None
     return Inputs(x, w, y, a)
 

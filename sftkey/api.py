@@ -12,7 +12,7 @@ from . import validation
 from .autograd import SinglePassFunction, StatsFunction
 from .backends import get_backend
 from .backends.base import Head, Stats, accumulation_dtype
-from .loss import LossOptions, block_loss_fn, denominator, reduce, token_losses
+from .loss import LossOptions, block_loss_fn, contributing, denominator, reduce, token_losses
 
 
 class LossStats(NamedTuple):
@@ -175,25 +175,37 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     p = prepare(hidden, weight, targets, backend=backend, **options)
     be = get_backend(backend, p.x.device)
     opts = p.opts
-    grad_inputs = [t for t in (p.x, p.w, p.b) if t is not None]
     weight_tensors = [t for t in (opts.token_weights, opts.entropy_weights, opts.class_weights) if isinstance(t, Tensor)]
-    single_pass = (reduction != "none" and torch.is_grad_enabled()
-                   and any(t.requires_grad for t in grad_inputs)
-                   and not any(t.requires_grad for t in weight_tensors))
+    single_pass = reduction != "none" and not (torch.is_grad_enabled() and any(t.requires_grad for t in weight_tensors))
     denom = denominator(p.y, opts, normalizer, p.acc) if reduction == "mean" else None
     with p.autocast_off():
         if single_pass:
             scale = denom if denom is not None else torch.ones((), dtype=p.acc, device=p.y.device)
-            wanted = (opts.uses_expected_logit or return_stats, opts.uses_weighted_logit_sum)
-            loss, *parts = SinglePassFunction.apply(
-                p.x, p.w, p.b, p.y, p.c, p.softcap, 0, be, filter_eps, block_loss_fn(p.y, opts, scale), wanted)
-            stats = Stats(*parts[:5])
+            loss, stats = _single_pass(p, be, filter_eps, scale, return_stats)
         else:
             stats = Stats(*StatsFunction.apply(p.x, p.w, p.b, p.y, p.c, p.softcap, 0, be, filter_eps)[:5])
             loss = reduce(token_losses(stats, p.y, opts), reduction, denom)
     if reduction == "none":
         loss = loss.reshape(p.shape)
     return (loss, loss_stats(stats, p.y, p.shape)) if return_stats else loss
+
+
+def _single_pass(p: Prepared, be, filter_eps, scale: Tensor, return_stats: bool):
+    """The scalar loss ``sum_i l_i / scale`` and its statistics by the single pass (DESIGN.md),
+    its gradients formed where grad mode is on. Without ``return_stats`` only the tokens that
+    contribute to the loss go through it (SFT's ignored prompt tokens cost nothing)."""
+    x, y, opts = p.x, p.y, p.opts
+    if not return_stats:
+        keep = contributing(y, opts)
+        kept = int(keep.sum())
+        if 0 < kept < keep.numel():
+            rows = keep.nonzero().squeeze(1)
+            x, y, opts = x.index_select(0, rows), y[rows], opts.rows(rows)
+    wanted = (opts.uses_expected_logit or return_stats, opts.uses_weighted_logit_sum, return_stats)
+    grad = torch.is_grad_enabled()
+    loss, *parts = SinglePassFunction.apply(x, p.w, p.b, y, p.c, p.softcap, 0, be, filter_eps,
+                                            block_loss_fn(y, opts, scale, grad), wanted, grad)
+    return loss, Stats(*parts[:5])
 
 
 def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,

@@ -41,15 +41,18 @@ class StatsFunction(torch.autograd.Function):
 class SinglePassFunction(torch.autograd.Function):
     """``(x, w, b) -> (loss, *stats)`` for a scalar loss: the backend forms the gradients
     during the forward from ``block_loss``; the backward only scales them by ``grad_output``.
-    The statistics are returned detached (for ``return_stats``)."""
+    The statistics are returned detached (for ``return_stats``). ``wanted``: whether
+    ``expected_logit``, ``weighted_logit_sum`` and ``argmax`` are read; ``grad_enabled``: the
+    caller's grad mode (off: the loss alone, no gradients formed)."""
 
     @staticmethod
     def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps,
-                block_loss: BlockLoss, wanted: tuple):
+                block_loss: BlockLoss, wanted: tuple, grad_enabled: bool):
         head = Head(x, w, b, y, c, softcap)
+        needs = _needs(ctx, x, w, b) if grad_enabled else Needs(False, False, False)
         loss, stats, dx, dw, db = backend.single_pass(
-            head, block_loss, _needs(ctx, x, w, b), topk, filter_eps,
-            expected_logit=wanted[0], weighted_logit_sum=wanted[1])
+            head, block_loss, needs, topk, filter_eps,
+            expected_logit=wanted[0], weighted_logit_sum=wanted[1], argmax=wanted[2])
         ctx.save_for_backward(dx, dw, db)
         empty = stats.lse.new_empty(0)
         outputs = tuple(empty if t is None else t for t in (*stats[:5], stats.topk))
@@ -59,6 +62,9 @@ class SinglePassFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *_):
         if g_loss.device.type == "cpu" and float(g_loss) == 1.0:
-            return (*ctx.saved_tensors, None, None, None, None, None, None, None, None)
+            return (*ctx.saved_tensors, *_NO_GRADS)
         grads = (None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, *_NO_GRADS)
+
+
+_NO_GRADS = (None,) * 9  # y, c, softcap, topk, backend, filter_eps, block_loss, wanted, grad_enabled

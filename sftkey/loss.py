@@ -34,8 +34,8 @@ class LossOptions:
     z_loss: float = 0.0
     dft: bool = False
 
-    def rows(self, rows: slice) -> "LossOptions":
-        """The options restricted to a block of rows."""
+    def rows(self, rows: Union[slice, Tensor]) -> "LossOptions":
+        """The options restricted to some rows (a slice, or an index tensor)."""
         ew = self.entropy_weights
         return replace(
             self,
@@ -77,6 +77,24 @@ def token_losses(stats: Stats, y: Tensor, opts: LossOptions) -> Tensor:
     return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
 
 
+def contributing(y: Tensor, opts: LossOptions) -> Tensor:
+    """Bool ``[N]``: the tokens whose ``l_i`` is not identically zero, i.e. not ignored and with
+    a cross-entropy weight (``a_i``, or ``w_{y_i}`` without label smoothing), an entropy
+    weight ``e_i`` or the z-loss. The others have no loss and no gradient."""
+    valid = y >= 0
+    if opts.z_loss:
+        return valid
+    ce = valid
+    if opts.token_weights is not None:
+        ce = ce & (opts.token_weights != 0)
+    if opts.class_weights is not None and opts.label_smoothing == 0:
+        ce = ce & (opts.class_weights[y.clamp_min(0)] != 0)
+    ew = opts.entropy_weights
+    if ew is None or (not isinstance(ew, Tensor) and ew == 0):
+        return ce
+    return ce | (valid & (torch.as_tensor(ew, device=y.device) != 0))
+
+
 def weight_sum(y: Tensor, opts: LossOptions, dtype=torch.float32) -> Tensor:
     """``sum_i a_i w_{y_i}`` over non-ignored tokens (their count without weights), in ``dtype``."""
     per_token = (y >= 0).to(dtype)
@@ -108,11 +126,15 @@ def reduce(losses: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
     return total if reduction == "sum" else total / denom.to(total.dtype)
 
 
-def block_loss_fn(y: Tensor, opts: LossOptions, scale: Tensor):
+def block_loss_fn(y: Tensor, opts: LossOptions, scale: Tensor, with_grads: bool = True):
     """A :data:`~sftkey.backends.base.BlockLoss` for ``sum_i l_i / scale``: a backend calls it on
-    each block of rows' statistics and gets the block's loss and its upstream gradients."""
+    each block of rows' statistics and gets the block's loss and its upstream gradients (all
+    None without ``with_grads``: the loss alone, e.g. under ``torch.inference_mode``)."""
 
     def block_loss(rows: slice, stats: Stats):
+        if not with_grads:
+            loss = token_losses(stats, y[rows], opts.rows(rows)).sum() / scale.to(stats.lse.dtype)
+            return loss, StatGrads(None, None, None, None)
         with torch.enable_grad():
             leaves = [None if s is None else s.detach().requires_grad_() for s in stats[:4]]
             part = Stats(*leaves, stats.argmax, stats.topk)

@@ -84,16 +84,21 @@ def _check(got, want, dtype=F32, what=""):
 
 
 class _Spy:
-    """Counts calls of the backend class's ``single_pass`` and ``backward`` (the two paths)."""
+    """Counts calls of the backend class's ``single_pass`` and ``backward`` (the two paths), and
+    records the rows and the needed gradients each single pass was given."""
 
     def __init__(self, monkeypatch, backend):
         self.calls = {"single_pass": 0, "backward": 0}
+        self.rows, self.needs = [], []
         cls = type(backends.get_backend(backend, DEVICE))
         for name in self.calls:
             original = getattr(cls, name)
 
             def wrapper(*args, _original=original, _name=name, **kwargs):
                 self.calls[_name] += 1
+                if _name == "single_pass":
+                    self.rows.append(args[1].x.shape[0])
+                    self.needs.append(tuple(args[3]))
                 return _original(*args, **kwargs)
 
             monkeypatch.setattr(cls, name, wrapper)
@@ -510,6 +515,52 @@ def test_single_pass_and_recompute_agree(backend, reduction, opts, monkeypatch):
 
     _check(single, recompute, what="single pass vs recompute:")
     _check(single, _reference(h, w, b, y, reduction=reduction, **kw), what="single pass vs reference:")
+
+
+SKIP_CASES = {
+    "ignored only": {},
+    "zero token weights": dict(token_weights=True),
+    "zero token weights, entropy": dict(token_weights=True, entropy_weights=True),
+    "zero token weights, z-loss": dict(token_weights=True, z_loss=1e-2),
+    "zero class weights": dict(class_weights=True),
+    "zero class weights, smoothing": dict(class_weights=True, label_smoothing=0.1),
+}
+
+
+def _skip_options(name, y, g):
+    """Options of ``SKIP_CASES[name]``, each weight zero on about a third of the tokens (classes)."""
+    kw = dict(SKIP_CASES[name])
+    if kw.pop("token_weights", False):
+        kw["token_weights"] = _rand(g, y.shape, 2.0) * (torch.rand(y.shape, generator=g) > 0.3).to(DEVICE)
+    if kw.pop("entropy_weights", False):
+        kw["entropy_weights"] = _rand(g, y.shape, 0.5) * (torch.rand(y.shape, generator=g) > 0.5).to(DEVICE)
+    if kw.pop("class_weights", False):
+        kw["class_weights"] = _rand(g, V, 1.0, 0.2) * (torch.rand(V, generator=g) > 0.3).to(DEVICE)
+    return kw
+
+
+@pytest.mark.parametrize("case", sorted(SKIP_CASES))
+def test_single_pass_skips_tokens_without_loss(backend, case, monkeypatch):
+    """The single pass gives the backend exactly the tokens the reference gives a loss or a
+    gradient (ignored, zero-weight tokens cost nothing), all of them with ``return_stats``;
+    under ``no_grad`` the same tokens and no gradients; results equal the reference."""
+    h, w, b, y, g = _head(150 + sorted(SKIP_CASES).index(case), lead=(3, 9))
+    kw = _skip_options(case, y, g)
+    hh = h.detach().double().requires_grad_()
+    per_token = sftkey.reference.linear_cross_entropy(hh, w.detach().double(), y, bias=b.detach().double(),
+                                                      reduction="none", **{k: _f64(v) for k, v in kw.items()})
+    live = (per_token != 0) | (torch.autograd.grad(per_token.sum(), hh)[0] != 0).any(-1)
+    assert 0 < int(live.sum()) < y.numel(), "the case must have tokens with and without loss"
+    spy = _Spy(monkeypatch, backend)
+    got = _grads(sftkey.linear_cross_entropy(h, w, y, bias=b, backend=backend, **kw), [h, w, b])
+    _check(got, _reference(h, w, b, y, **kw), what=f"{case}:")
+    assert spy.rows == [int(live.sum())] and spy.needs == [(True, True, True)]
+    with torch.no_grad():
+        loss = sftkey.linear_cross_entropy(h, w, y, bias=b, backend=backend, **kw)
+    assert_close(loss, got[0], F32, "no_grad loss")
+    assert spy.rows[1:] == [int(live.sum())] and spy.needs[1:] == [(False, False, False)]
+    sftkey.linear_cross_entropy(h, w, y, bias=b, backend=backend, return_stats=True, **kw)
+    assert spy.rows[2:] == [y.numel()], "return_stats needs every token's statistics"
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

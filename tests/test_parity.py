@@ -22,9 +22,11 @@ SEEDS = range(8)
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Groups of 32 rows worked in blocks of 16 (bf16/fp16), and dW staged in slices of tens
-    of vocabulary rows, so group, block and slice edges are exercised."""
+    of vocabulary rows, so group, block and slice edges are exercised; dX by the transposed
+    product from D=32 (D=40 and 48 here), by the plain one below."""
     monkeypatch.setattr(config, "chunk_budget_bytes", 20000)
     monkeypatch.setattr(torch_backend, "_STAGING_BYTES", 8192)
+    monkeypatch.setattr(torch_backend, "_DX_TRANSPOSED_FROM", 32)
 
 
 def random_options(rng: random.Random, x, w, y, bias):
@@ -55,11 +57,13 @@ def random_options(rng: random.Random, x, w, y, bias):
     return opts
 
 
-def run(x, w, y, opts, backend, grad_seed):
+def run(x, w, y, opts, backend, grad_seed, return_stats=True):
     """Loss and gradients of ``x, w`` and ``opts['bias']``; for ``reduction='none'`` with a
-    random upstream gradient (seeded, so every backend sees the same one)."""
+    random upstream gradient (seeded, so every backend sees the same one). Without
+    ``return_stats`` (the single pass then skips the tokens without loss) the stats are None."""
     leaves = [x, w] + ([opts["bias"]] if "bias" in opts else [])
-    loss, stats = sftkey.linear_cross_entropy(x, w, y, backend=backend, return_stats=True, **opts)
+    out = sftkey.linear_cross_entropy(x, w, y, backend=backend, return_stats=return_stats, **opts)
+    loss, stats = out if return_stats else (out, None)
     upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
     grads = torch.autograd.grad((loss * upstream.to(loss)).sum(), leaves)
     return loss.detach(), grads, stats
@@ -76,7 +80,8 @@ def test_matches_reference(backend, dtype, seed):
     n, d, v = SHAPES[seed % len(SHAPES)]
     x, w, bias, y = make_head(n, d, v, dtype, seed=seed, bias=rng.random() < 0.5)
     opts = random_options(rng, x, w, y, bias)
-    got_loss, got_grads, got_stats = run(x, w, y, opts, backend, seed)
+    with_stats = rng.random() < 0.5
+    got_loss, got_grads, got_stats = run(x, w, y, opts, backend, seed, with_stats)
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     want_loss, want_grads, want_stats = run(x64, w64, y, double(opts), "reference", seed)
     what = f"{backend} {dtype} {sorted(opts)} reduction={opts['reduction']}"
@@ -84,6 +89,8 @@ def test_matches_reference(backend, dtype, seed):
     for name, got, want in zip(("dX", "dW", "db"), got_grads, want_grads):
         assert got.dtype == dtype, f"{name} dtype {got.dtype} for {dtype} inputs"
         assert_close(got, want, dtype, f"{name} {what}")
+    if not with_stats:
+        return
     for name in ("lse", "entropy", "target_logprob"):
         assert_close(getattr(got_stats, name), getattr(want_stats, name), dtype, f"stats.{name} {what}")
     if dtype == torch.float32:
@@ -117,3 +124,32 @@ def test_multi_dim_targets_and_shift(backend, dtype):
     assert_close(got_loss, want_loss, dtype, "loss")
     for g, r in zip(got_grads, want_grads):
         assert_close(g, r, dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [100, 300])
+def test_low_precision_dw_one_group_or_float32_sum(dtype, n):
+    """A bf16/fp16 dW: N=100 rows fit one group within the budget plus the float32 dW buffer's
+    4VD bytes (one product, no buffer; its 100 rows split at 64 for the products); N=300 do
+    not, and the groups' products are summed in the float32 buffer."""
+    d, v = 48, 131
+    x, w, _, y = make_head(n, d, v, dtype, seed=n)
+    head = torch_backend.Head(x.detach().reshape(n, d), w.detach(), None, y.clamp_min(-1), None, None)
+    rows = torch_backend._Workspace(head, two_buffers=False, dw=True).group_rows
+    assert (rows == n) == (n == 100), f"group of {rows} rows for N={n}"
+    opts = dict(token_weights=torch.rand(n, generator=torch.Generator().manual_seed(n)).to(DEVICE), z_loss=1e-3)
+    got_loss, got_grads, _ = run(x, w, y, dict(opts, reduction="mean"), "torch", 0, return_stats=False)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    want_loss, want_grads, _ = run(x64, w64, y, dict(opts, reduction="mean"), "reference", 0)
+    assert_close(got_loss, want_loss, dtype, "loss")
+    for name, got, want in zip(("dX", "dW"), got_grads, want_grads):
+        assert_close(got, want, dtype, f"{name} N={n}")
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 100, 129])
+def test_products_split_at_64_rows(rows):
+    g = torch.Generator().manual_seed(rows)
+    a, b = torch.randn(rows, 24, generator=g), torch.randn(24, 37, generator=g)
+    out = torch.full((rows, 37), float("nan"))
+    torch_backend._mm(a, b, out)
+    assert_close(out, a.double() @ b.double(), torch.float32, f"{rows} rows")

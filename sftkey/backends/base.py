@@ -33,15 +33,15 @@ class Stats(NamedTuple):
     ``lse``: logsumexp_j z_ij; ``target_logit``: z_{i,y_i} (0 where y_i < 0);
     ``expected_logit``: S_i = sum_j p_ij z_ij; ``weighted_logit_sum``: Z_i = sum_j c_j z_ij;
     ``argmax``: int64 argmax_j z_ij; ``topk``: ``[N, k]`` the k largest logits, descending
-    (None when k = 0). ``expected_logit`` and ``weighted_logit_sum`` may be None where a
-    single pass was told they are not needed.
+    (None when k = 0). ``expected_logit``, ``weighted_logit_sum`` and ``argmax`` may be None
+    where a single pass was told they are not needed.
     """
 
     lse: Tensor
     target_logit: Tensor
     expected_logit: Optional[Tensor]
     weighted_logit_sum: Optional[Tensor]
-    argmax: Tensor
+    argmax: Optional[Tensor]
     topk: Optional[Tensor] = None
 
 
@@ -104,15 +104,18 @@ class Backend:
 
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
                     filter_eps: Optional[float] = None, *, expected_logit: bool = True,
-                    weighted_logit_sum: bool = True):
+                    weighted_logit_sum: bool = True, argmax: bool = True):
         """Return ``(loss, stats, dx, dw, db)`` for a scalar loss given block by block.
-        ``expected_logit``/``weighted_logit_sum`` False: neither the loss nor the caller reads
-        that statistic, so a backend may skip it (and return None for it).
+        ``expected_logit``/``weighted_logit_sum``/``argmax`` False: neither the loss nor the
+        caller reads that statistic, so a backend may skip it (and return None for it). With
+        ``needs`` all False it is the loss alone (forward only, ``2NDV``).
 
         This generic version runs the forward over all rows, takes the loss's gradients on
         the statistics, then the backward (8NDV FLOPs); backends override it to do better.
         """
         stats = self.forward(head, topk)
         loss, grads = block_loss(slice(None), stats)
+        if not any(needs):
+            return loss, stats, None, None, None
         dx, dw, db = self.backward(head, stats, grads, needs, filter_eps)
         return loss, stats, dx, dw, db
