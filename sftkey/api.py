@@ -192,20 +192,40 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
 
 def _single_pass(p: Prepared, be, filter_eps, scale: Tensor, return_stats: bool):
     """The scalar loss ``sum_i l_i / scale`` and its statistics by the single pass (DESIGN.md),
-    its gradients formed where grad mode is on. Without ``return_stats`` only the tokens that
-    contribute to the loss go through it (SFT's ignored prompt tokens cost nothing)."""
+    its gradients formed where grad mode is on. Only the tokens that contribute to the loss go
+    through it (SFT's ignored prompt tokens cost no gradient work); with ``return_stats`` the
+    others get their statistics from a forward pass over their rows alone (``2NDV`` there)."""
     x, y, opts = p.x, p.y, p.opts
-    if not return_stats:
-        keep = contributing(y, opts)
-        kept = int(keep.sum())
-        if 0 < kept < keep.numel():
-            rows = keep.nonzero().squeeze(1)
-            x, y, opts = x.index_select(0, rows), y[rows], opts.rows(rows)
+    keep = contributing(y, opts)
+    skip = 0 < int(keep.sum()) < keep.numel()
+    if skip:
+        rows = keep.nonzero().squeeze(1)
+        x, y, opts = x.index_select(0, rows), y[rows], opts.rows(rows)
     wanted = (opts.uses_expected_logit or return_stats, opts.uses_weighted_logit_sum, return_stats)
     grad = torch.is_grad_enabled()
     loss, *parts = SinglePassFunction.apply(x, p.w, p.b, y, p.c, p.softcap, 0, be, filter_eps,
                                             block_loss_fn(y, opts, scale, grad), wanted, grad)
-    return loss, Stats(*parts[:5])
+    stats = Stats(*parts[:5])
+    if return_stats and skip:
+        stats = _with_skipped(stats, p, keep, be)
+    return loss, stats
+
+
+def _with_skipped(stats: Stats, p: Prepared, keep: Tensor, be) -> Stats:
+    """Every token's statistics: ``stats`` for the tokens where ``keep``, a forward pass's for the others."""
+    skipped = (~keep).nonzero().squeeze(1)
+    with torch.no_grad():
+        rest = be.forward(Head(p.x.detach()[skipped], p.w.detach(), None if p.b is None else p.b.detach(),
+                               p.y[skipped], p.c, p.softcap))
+    merged = []
+    for kept_part, skipped_part in zip(stats[:5], rest[:5]):
+        if kept_part.numel() == 0:  # a statistic the single pass was told nobody reads
+            merged.append(kept_part)
+            continue
+        full = skipped_part.new_empty(keep.shape)
+        full[keep], full[skipped] = kept_part, skipped_part
+        merged.append(full)
+    return Stats(*merged)
 
 
 def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,

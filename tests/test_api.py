@@ -542,8 +542,8 @@ def _skip_options(name, y, g):
 @pytest.mark.parametrize("case", sorted(SKIP_CASES))
 def test_single_pass_skips_tokens_without_loss(backend, case, monkeypatch):
     """The single pass gives the backend exactly the tokens the reference gives a loss or a
-    gradient (ignored, zero-weight tokens cost nothing), all of them with ``return_stats``;
-    under ``no_grad`` the same tokens and no gradients; results equal the reference."""
+    gradient (ignored, zero-weight tokens cost nothing); under ``no_grad`` the same tokens and
+    no gradients; with ``return_stats`` every token's statistics; results equal the reference."""
     h, w, b, y, g = _head(150 + sorted(SKIP_CASES).index(case), lead=(3, 9))
     kw = _skip_options(case, y, g)
     hh = h.detach().double().requires_grad_()
@@ -559,8 +559,13 @@ def test_single_pass_skips_tokens_without_loss(backend, case, monkeypatch):
         loss = sftkey.linear_cross_entropy(h, w, y, bias=b, backend=backend, **kw)
     assert_close(loss, got[0], F32, "no_grad loss")
     assert spy.rows[1:] == [int(live.sum())] and spy.needs[1:] == [(False, False, False)]
-    sftkey.linear_cross_entropy(h, w, y, bias=b, backend=backend, return_stats=True, **kw)
-    assert spy.rows[2:] == [y.numel()], "return_stats needs every token's statistics"
+    _, stats = sftkey.linear_cross_entropy(h, w, y, bias=b, backend=backend, return_stats=True, **kw)
+    assert spy.rows[2:] == [int(live.sum())]
+    _, want = sftkey.reference.linear_cross_entropy(hh, w.detach().double(), y, bias=b.detach().double(),
+                                                    return_stats=True, **{k: _f64(v) for k, v in kw.items()})
+    for name in ("lse", "entropy", "target_logprob"):
+        assert_close(getattr(stats, name), getattr(want, name), F32, f"stats.{name} of every token")
+    assert torch.equal(stats.correct, want.correct)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
