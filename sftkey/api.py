@@ -162,7 +162,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     ``targets [...]`` int64/int32. Returns a float32 loss (float64 for float64 inputs):
     a scalar, or shaped like ``targets`` for ``reduction="none"``; with ``return_stats``,
     ``(loss, LossStats)``. ``filter_eps``: skip gradient tiles whose probabilities are all
-    below it (triton backend; None, the default, is exact).
+    below it (triton backend; None, the default, is exact). For ``"mean"``/``"sum"``, tokens
+    without a loss (ignored, or every weight zero) take no matrix products for gradients.
     """
     options = dict(bias=bias, token_weights=token_weights, entropy_weights=entropy_weights,
                    class_weights=class_weights, ignore_index=ignore_index, label_smoothing=label_smoothing,
