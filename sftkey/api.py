@@ -196,16 +196,16 @@ def _single_pass(p: Prepared, be, filter_eps, scale: Tensor, return_stats: bool)
     its gradients formed where grad mode is on. Only the tokens that contribute to the loss go
     through it (SFT's ignored prompt tokens cost no gradient work); with ``return_stats`` the
     others get their statistics from a forward pass over their rows alone (``2NDV`` there)."""
-    x, y, opts = p.x, p.y, p.opts
+    y, opts, rows = p.y, p.opts, None
     keep = contributing(y, opts)
     skip = 0 < int(keep.sum()) < keep.numel()
     if skip:
         rows = keep.nonzero().squeeze(1)
-        x, y, opts = x.index_select(0, rows), y[rows], opts.rows(rows)
+        y, opts = y[rows], opts.rows(rows)
     wanted = (opts.uses_expected_logit or return_stats, opts.uses_weighted_logit_sum, return_stats)
     grad = torch.is_grad_enabled()
-    loss, *parts = SinglePassFunction.apply(x, p.w, p.b, y, p.c, p.softcap, 0, be, filter_eps,
-                                            block_loss_fn(y, opts, scale, grad), wanted, grad)
+    loss, *parts = SinglePassFunction.apply(p.x, p.w, p.b, y, p.c, p.softcap, 0, be, filter_eps,
+                                            block_loss_fn(y, opts, scale, grad), wanted, grad, rows)
     stats = Stats(*parts[:5])
     if return_stats and skip:
         stats = _with_skipped(stats, p, keep, be)

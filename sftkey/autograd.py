@@ -43,16 +43,17 @@ class SinglePassFunction(torch.autograd.Function):
     during the forward from ``block_loss``; the backward only scales them by ``grad_output``.
     The statistics are returned detached (for ``return_stats``). ``wanted``: whether
     ``expected_logit``, ``weighted_logit_sum`` and ``argmax`` are read; ``grad_enabled``: the
-    caller's grad mode (off: the loss alone, no gradients formed)."""
+    caller's grad mode (off: the loss alone, no gradients formed); ``rows``: the rows of ``x``
+    that ``y`` refers to (None: all)."""
 
     @staticmethod
     def forward(ctx, x, w, b, y, c, softcap, topk: int, backend: Backend, filter_eps,
-                block_loss: BlockLoss, wanted: tuple, grad_enabled: bool):
+                block_loss: BlockLoss, wanted: tuple, grad_enabled: bool, rows: Optional[Tensor]):
         head = Head(x, w, b, y, c, softcap)
         needs = _needs(ctx, x, w, b) if grad_enabled else Needs(False, False, False)
         loss, stats, dx, dw, db = backend.single_pass(
             head, block_loss, needs, topk, filter_eps,
-            expected_logit=wanted[0], weighted_logit_sum=wanted[1], argmax=wanted[2])
+            expected_logit=wanted[0], weighted_logit_sum=wanted[1], argmax=wanted[2], rows=rows)
         ctx.save_for_backward(dx, dw, db)
         empty = stats.lse.new_empty(0)
         outputs = tuple(empty if t is None else t for t in (*stats[:5], stats.topk))
@@ -67,4 +68,4 @@ class SinglePassFunction(torch.autograd.Function):
         return (*grads, *_NO_GRADS)
 
 
-_NO_GRADS = (None,) * 9  # y, c, softcap, topk, backend, filter_eps, block_loss, wanted, grad_enabled
+_NO_GRADS = (None,) * 10  # y, c, softcap, topk, backend, filter_eps, block_loss, wanted, grad_enabled, rows

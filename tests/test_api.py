@@ -97,7 +97,7 @@ class _Spy:
             def wrapper(*args, _original=original, _name=name, **kwargs):
                 self.calls[_name] += 1
                 if _name == "single_pass":
-                    self.rows.append(args[1].x.shape[0])
+                    self.rows.append(args[1].y.shape[0])  # the tokens it computes
                     self.needs.append(tuple(args[3]))
                 return _original(*args, **kwargs)
 

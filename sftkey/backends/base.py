@@ -15,7 +15,7 @@ the input they belong to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -104,18 +104,24 @@ class Backend:
 
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
                     filter_eps: Optional[float] = None, *, expected_logit: bool = True,
-                    weighted_logit_sum: bool = True, argmax: bool = True):
+                    weighted_logit_sum: bool = True, argmax: bool = True, rows: Optional[Tensor] = None):
         """Return ``(loss, stats, dx, dw, db)`` for a scalar loss given block by block.
         ``expected_logit``/``weighted_logit_sum``/``argmax`` False: neither the loss nor the
         caller reads that statistic, so a backend may skip it (and return None for it). With
-        ``needs`` all False it is the loss alone (forward only, ``2NDV``).
+        ``needs`` all False it is the loss alone (forward only, ``2NDV``). ``rows``: the rows of
+        ``head.x`` that ``head.y`` (and the loss) refer to, None for all; ``dx`` is zero on the
+        other rows.
 
         This generic version runs the forward over all rows, takes the loss's gradients on
         the statistics, then the backward (8NDV FLOPs); backends override it to do better.
         """
+        if rows is not None:
+            full_x, head = head.x, replace(head, x=head.x.index_select(0, rows))
         stats = self.forward(head, topk)
         loss, grads = block_loss(slice(None), stats)
         if not any(needs):
             return loss, stats, None, None, None
         dx, dw, db = self.backward(head, stats, grads, needs, filter_eps)
+        if dx is not None and rows is not None:
+            dx = torch.zeros_like(full_x).index_copy_(0, rows, dx)
         return loss, stats, dx, dw, db

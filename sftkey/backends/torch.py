@@ -60,11 +60,12 @@ def _mm(a: Tensor, b: Tensor, out: Tensor) -> None:
 class _Workspace:
     """The buffers of one call, sized once and reused for every group and block of rows.
     ``two_buffers``: keep the logits beside ``exp(z - m)`` (needed for ``S`` and its gradient);
-    ``dw``: a bf16/fp16 ``dW`` is formed, so one group may use the float32 buffer's memory."""
+    ``dw``: a bf16/fp16 ``dW`` is formed, so one group may use the float32 buffer's memory;
+    ``rows``: the rows of ``x`` the targets refer to (None: all), gathered group by group."""
 
-    def __init__(self, head: Head, two_buffers: bool, dw: bool = False):
+    def __init__(self, head: Head, two_buffers: bool, dw: bool = False, rows: Optional[Tensor] = None):
         x, w = head.x, head.w
-        n, V = x.shape[0], w.shape[0]
+        n, V = head.y.shape[0], w.shape[0]
         self.acc = accumulation_dtype(x.dtype)
         self.lowp = x.dtype != self.acc
         budget = config.chunk_budget_bytes
@@ -79,18 +80,28 @@ class _Workspace:
         self.b = None if head.b is None else head.b.to(self.acc)
         self.c = None if head.c is None else head.c.to(self.acc)
         self.softcap = head.softcap
+        self.rows = rows
+        self.xg = None if rows is None else x.new_empty(self.group_rows, x.shape[1])
 
     def groups(self, n: int):
         for start in range(0, n, self.group_rows):
             yield slice(start, min(start + self.group_rows, n))
 
+    def hidden(self, head: Head, group: slice) -> Tensor:
+        """The hidden states of a group's rows: a view of ``x``, or gathered from ``rows``."""
+        if self.rows is None:
+            return head.x[group]
+        return torch.index_select(head.x, 0, self.rows[group], out=self.xg[: group.stop - group.start])
+
     def blocks(self, group: slice):
         for start in range(group.start, group.stop, self.block_rows):
             yield slice(start, min(start + self.block_rows, group.stop))
 
-    def products(self, head: Head, group: slice) -> None:
-        """The logits products of a group of rows, into ``out``."""
-        _mm(head.x[group], head.w.t(), self.out[: group.stop - group.start])
+    def products(self, head: Head, group: slice) -> Tensor:
+        """The logits products of a group of rows, into ``out``; returns the group's hidden states."""
+        x = self.hidden(head, group)
+        _mm(x, head.w.t(), self.out[: group.stop - group.start])
+        return x
 
     def logits(self, group: slice, rows: slice):
         """A block's logits ``z`` (and ``f`` under softcap) from its rows ``o`` of ``out``."""
@@ -168,29 +179,34 @@ class _Gradients:
     def __init__(self, head: Head, needs: Needs, ws: _Workspace):
         x, w = head.x, head.w
         self.head, self.ws = head, ws
-        self.dx = torch.empty_like(x) if needs.dx else None
+        self.dx = None
+        if needs.dx:  # rows not in ws.rows keep a zero gradient; the others go through dx_part
+            self.dx = torch.empty_like(x) if ws.rows is None else torch.zeros_like(x)
+            self.dx_part = None if ws.rows is None else x.new_empty(ws.group_rows, x.shape[1])
         self.db = torch.zeros(w.shape[0], dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
         self.dw = torch.empty_like(w) if needs.dw else None
         self.sum = None
         self.first = True
-        if self.dw is not None and ws.lowp and x.shape[0] > ws.group_rows:
+        if self.dw is not None and ws.lowp and head.y.shape[0] > ws.group_rows:
             self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (w.shape[1] * 4))
             rows = min(self.v_slice, w.shape[0])
             self.sum = torch.empty(w.shape, dtype=ws.acc, device=w.device)
             self.stage_lo = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
             self.stage = torch.empty(rows, w.shape[1], dtype=ws.acc, device=w.device)
 
-    def add(self, group: slice, dz: Tensor) -> None:
-        """Add the products of a group's ``dz`` (its rows of ``out``, input dtype)."""
-        head = self.head
+    def add(self, group: slice, dz: Tensor, x: Tensor) -> None:
+        """Add the products of a group's ``dz`` (its rows of ``out``, input dtype) and hidden states ``x``."""
+        head, rows = self.head, self.ws.rows
         if self.db is not None:
             self.db.add_(dz.sum(dim=0, dtype=self.db.dtype))
-        x = head.x[group]
         if self.dx is not None:
+            part = self.dx[group] if rows is None else self.dx_part[: group.stop - group.start]
             if head.w.shape[1] >= _DX_TRANSPOSED_FROM:
-                self.dx[group].copy_(torch.mm(head.w.t(), dz.t()).t())
+                part.copy_(torch.mm(head.w.t(), dz.t()).t())
             else:
-                _mm(dz, head.w, self.dx[group])
+                _mm(dz, head.w, part)
+            if rows is not None:
+                self.dx.index_copy_(0, rows[group], part)
         if self.dw is None:
             return
         if self.sum is None:  # float32 W, or a single group: the products are dW itself
@@ -199,7 +215,7 @@ class _Gradients:
             else:
                 self.dw.addmm_(dz.t(), x)
         else:
-            self._add_staged(dz, x, last=group.stop == head.x.shape[0])
+            self._add_staged(dz, x, last=group.stop == head.y.shape[0])
         self.first = False
 
     def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
@@ -235,7 +251,7 @@ class TorchBackend(Backend):
     def forward(self, head: Head, topk: int = 0) -> Stats:
         ws = _Workspace(head, two_buffers=True)
         parts = []
-        for group in ws.groups(head.x.shape[0]):
+        for group in ws.groups(head.y.shape[0]):
             ws.products(head, group)
             for rows in ws.blocks(group):
                 z, _, _ = ws.logits(group, rows)
@@ -246,24 +262,24 @@ class TorchBackend(Backend):
                  filter_eps: Optional[float] = None):
         ws = _Workspace(head, two_buffers=grads.expected_logit is not None, dw=needs.dw)
         out = _Gradients(head, needs, ws)
-        for group in ws.groups(head.x.shape[0]):
-            ws.products(head, group)
+        for group in ws.groups(head.y.shape[0]):
+            x = ws.products(head, group)
             for rows in ws.blocks(group):
                 z, f, o = ws.logits(group, rows)
                 p = ws.exp_shifted(z, stats.lse[rows])
                 g = StatGrads(*(None if t is None else t[rows] for t in grads))
                 _keep(o, ws.dz(head, rows, z, p, f, stats.expected_logit[rows], g))
-            out.add(group, ws.out[: group.stop - group.start])
+            out.add(group, ws.out[: group.stop - group.start], x)
         return out.result()
 
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
                     filter_eps: Optional[float] = None, *, expected_logit: bool = True,
-                    weighted_logit_sum: bool = True, argmax: bool = True):
-        ws = _Workspace(head, two_buffers=expected_logit, dw=needs.dw)
+                    weighted_logit_sum: bool = True, argmax: bool = True, rows: Optional[Tensor] = None):
+        ws = _Workspace(head, two_buffers=expected_logit, dw=needs.dw, rows=rows)
         out = _Gradients(head, needs, ws)
         parts, loss = [], 0
-        for group in ws.groups(head.x.shape[0]):
-            ws.products(head, group)
+        for group in ws.groups(head.y.shape[0]):
+            x = ws.products(head, group)
             for rows in ws.blocks(group):
                 z, f, o = ws.logits(group, rows)
                 stats, e, sum_exp = ws.stats(head, rows, z, topk, expected_logit, weighted_logit_sum, argmax)
@@ -273,7 +289,7 @@ class TorchBackend(Backend):
                     _keep(o, ws.dz(head, rows, z, e, f, stats.expected_logit, grads, inv=sum_exp.reciprocal()))
                 parts.append(stats)
             if any(needs):
-                out.add(group, ws.out[: group.stop - group.start])
+                out.add(group, ws.out[: group.stop - group.start], x)
         return (loss, _concat(parts), *out.result())
 
 
