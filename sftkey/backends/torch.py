@@ -39,7 +39,7 @@ _MM_ALIGN = 64  # oneDNN runs a product of 1843 rows ~10% slower than one of 179
 #: than ``dz W`` at D=4096 (V=32000, 128256), 2-5% slower at D=1024-2304 (bf16 on the build
 #: machine's CPU; float32 about even).
 _DX_TRANSPOSED_FROM = 4096
-_STAGING_BYTES = 4 << 20  # float32 staging of one dW slice: stays in cache, keeps the products large
+_STAGING_BYTES = 2 << 20  # float32 staging of one dW slice: stays in cache, keeps the products large
 
 
 def _rows(budget: int, bytes_per_row: int, n: int) -> int:
