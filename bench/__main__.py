@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of presets and shapes that do not fix one")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of presets and shapes that do not fix one (default: bf16 "
+                   "where the device runs bf16 matrix products natively, else fp32)")
     p.add_argument("--preset", choices=PRESETS, help="default: gpu on CUDA, cpu-default elsewhere")
     p.add_argument("--model", help="a DESIGN.md model (e.g. Llama-3-8B) at the token counts of --n")
     p.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384], help="token counts for --model")
@@ -44,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of targets set to ignore_index (prompt tokens; default 0.1)")
     p.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of: {', '.join(IMPLS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation and case")
+    p.add_argument("--time-budget", type=float, default=60.0, metavar="S",
+                   help="seconds per implementation and case (warm-up, timed and memory runs); an implementation "
+                        "whose warm-up shows it would take longer is reported as too slow (default 60)")
+    p.add_argument("--order", choices=("interleaved", "sequential"),
+                   help="interleave the implementations' timed runs (default on the CPU, where other jobs on a shared "
+                        "machine come and go) or run each implementation's in one stretch (default on CUDA)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     unknown = set(args.impl.split(",")) - set(IMPLS)
@@ -51,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --impl {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if not args.time_budget > 0:
+        p.error("--time-budget must be > 0")
+    if args.dtype is None:
+        args.dtype = native_dtype(torch.device(args.device))
+    if args.order is None:
+        args.order = "sequential" if args.device.startswith("cuda") else "interleaved"
     if not 0 <= args.ignored < 1:
         p.error(f"--ignored must be in [0, 1), got {args.ignored}")
     try:
@@ -58,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def native_dtype(device: torch.device) -> str:
+    """bf16 where ``device`` runs bf16 matrix products natively, else fp32."""
+    from sftkey.backends.products import lowp_native_on_cpu
+
+    return "bf16" if device.type != "cpu" or lowp_native_on_cpu(torch.bfloat16) else "fp32"
 
 
 def select_cases(args: argparse.Namespace) -> tuple:
@@ -71,30 +91,67 @@ def select_cases(args: argparse.Namespace) -> tuple:
     return PRESETS[preset](args.dtype), preset
 
 
-def run_case(case: Case, workers: dict, opts: Options, args, workdir: Path, progress, task) -> list:
-    """Every implementation on ``case``, verified; one summary row each."""
+#: Pause before a timed run that follows another process's: its OpenMP threads spin for a while
+#: after its run, and an implementation timed meanwhile on the same cores ran 3-5x slower.
+SETTLE_S = 0.3
+
+
+def measure_case(case: Case, workers: dict, opts: Options, args, workdir: Path) -> dict:
+    """Every implementation's results on ``case``. Interleaved: all are prepared, then each
+    makes one timed run in turn, round after round (starting one further each round), so that
+    a change in the machine's load falls on all alike; sequential: one after the other, so that
+    only one holds the case's memory (the default on CUDA)."""
+    device = torch.device(args.device)
+    results = {}
+
+    def prepare(name):
+        reason = IMPLS[name].skip_reason(device, opts)
+        results[name] = {"skipped": reason} if reason else workers[name].prepare(
+            case, opts, args.pass_, args.device, args.repeats, workdir / f"{name}.pt", args.time_budget)
+        return "ready" in results[name]
+
+    def rounds(names):
+        for i in range(args.repeats):
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                if "ready" in results[name]:
+                    time.sleep(SETTLE_S if len(names) > 1 else 0)
+                    result = workers[name].run()
+                    if "time_s" not in result:
+                        results[name] = result
+
+    def finish(name):
+        if "ready" in results[name]:
+            results[name] = workers[name].finish()
+
+    if args.order == "interleaved":
+        ready = [name for name in workers if prepare(name)]
+        if ready:
+            rounds(ready)
+        for name in ready:
+            finish(name)
+    else:
+        for name in workers:
+            if prepare(name):
+                rounds([name])
+                finish(name)
+    return results
+
+
+def verify_case(case: Case, results: dict, opts: Options, args) -> list:
+    """One summary row per implementation, its outputs verified against the float64 reference."""
     device = torch.device(args.device)
     ref, rows = None, []
-    for name, worker in workers.items():
-        progress.update(task, description=f"{case.label} · {name}")
-        reason = IMPLS[name].skip_reason(device, opts)
-        result = {"skipped": reason} if reason else worker.run(case, opts, args.pass_, args.device, args.repeats,
-                                                               workdir / f"{name}.pt")
+    for name, result in results.items():
         errs, ok = {}, False
         if "outputs" in result:
             if ref is None:
-                progress.update(task, description=f"{case.label} · float64 reference")
                 ref = reference(case, opts, make_inputs(case, opts, device, seed=0), args.pass_)
-                if device.type == "cuda":  # leave the workers the whole device
+                if device.type == "cuda":  # leave the next case's workers the whole device
                     torch.cuda.empty_cache()
             errs = errors(torch.load(result["outputs"], mmap=True), ref)
             ok = passes(errs, case.dtype)
             Path(result["outputs"]).unlink()
         rows.append(summarize(case, name, result, args.pass_, errs, ok))
-        progress.print(f"{case.label} · {name}: {rows[-1]['status']}"
-                       + (f", median {rows[-1]['median_s'] * 1e3:.1f} ms" if "median_s" in rows[-1] else ""),
-                       highlight=False)
-        progress.advance(task)
     return rows
 
 
@@ -110,19 +167,27 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     console = Console(width=None if sys.stdout.isatty() else 160)
     meta = stamp(device, {"preset": name, "pass": args.pass_, "repeats": args.repeats, "warmup": WARMUP,
+                          "time_budget_s": args.time_budget, "order": args.order,
                           "options": vars(opts), "cases": [c.label for c in cases], "impls": list(workers)})
     rows, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sftkey-bench-") as tmp, Progress(console=console) as progress:
-        task = progress.add_task("bench", total=len(cases) * len(workers))
+        task = progress.add_task("bench", total=len(cases))
         try:
             for case in cases:
-                rows += run_case(case, workers, opts, args, Path(tmp), progress, task)
+                progress.update(task, description=case.label)
+                case_rows = verify_case(case, measure_case(case, workers, opts, args, Path(tmp)), opts, args)
+                for row in case_rows:
+                    progress.print(f"{case.label} · {row['impl']}: {row['status']}"
+                                   + (f", median {row['median_s'] * 1e3:.1f} ms" if "median_s" in row else ""),
+                                   highlight=False)
+                rows += case_rows
+                progress.advance(task)
         finally:
             for worker in workers.values():
                 worker.close()
     meta.update(load_average_end=os.getloadavg()[0], wall_s=round(time.perf_counter() - started, 1))
     print_table(rows, meta, console)
-    paths = write(rows, meta, args.out, f"{datetime.fromisoformat(meta['date']):%Y%m%d-%H%M%S}-{name}-{device.type}")
+    paths = write(rows, meta, args.out, f"{datetime.fromisoformat(meta['date']):%Y%m%d-%H%M%S}-{name}-{meta['device_slug']}")
     console.print("wrote " + ", ".join(str(p) for p in paths))
     bad = [r for r in rows if r["status"] in ("FAIL", "error")]
     if bad:

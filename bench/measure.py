@@ -1,10 +1,11 @@
 """Time and peak memory of an implementation, in a fresh process per implementation.
 
 A :class:`Worker` (in the parent) hands cases to its process; for each, the process builds
-the inputs, warms up, times ``repeats`` runs rotating among the input sets while probing the
-matmul rate between them, then makes one more run on input set 0 that measures the peak
-memory above what was allocated before it and saves the loss and gradients for verification.
-See NOTES.md.
+the inputs and warms up (:meth:`Worker.prepare`), makes one timed run at a time on the
+parent's call (:meth:`Worker.run`), rotating among the input sets and probing the matmul
+rate after each, then (:meth:`Worker.finish`) makes one more run on input set 0 that measures
+the peak memory above what was allocated before it and saves the loss and gradients for
+verification. The parent can so interleave the implementations' timed runs. See NOTES.md.
 """
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ import os
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .cases import DTYPES, Case, Options, input_sets
+from .cases import DTYPES, IGNORE_INDEX, Case, Options, input_sets
 from .peers import IMPLS, Skip
 
 WARMUP = 2
+PROBES_BEFORE, PROBES_BETWEEN = 8, 2
+#: Seconds past the budget after which a busy worker is killed (its first run never ended).
+KILL_GRACE_S = 30
 
 
 def elapsed(device: torch.device, fn, *args) -> float:
@@ -69,15 +74,25 @@ def peak_memory(device: torch.device, fn, *args) -> tuple:
     return out, _proc_status_bytes("VmHWM") - base
 
 
-def matmul_probe(device: torch.device, dtype: str, d: int):
-    """A function that times one chunk-sized ``torch.mm`` (``[rows, D] @ [D, cols]`` into a
-    preallocated output) and returns its FLOP/s: the matrix-product rate that bounds every
-    implementation here."""
-    rows, cols = (8192, 16384) if device.type == "cuda" else (1024, 4096)
-    a = torch.randn(rows, d, device=device).to(DTYPES[dtype])
-    b = torch.randn(cols, d, device=device).to(DTYPES[dtype])
-    out = torch.empty(rows, cols, device=device, dtype=DTYPES[dtype])
-    return lambda: 2 * rows * cols * d / elapsed(device, lambda: torch.mm(a, b.T, out=out))
+def matmul_probe(device: torch.device, dtype: str, d: int, v: int):
+    """A function that times the three products of a training step on one chunk of rows, in
+    the case's dtype and into preallocated outputs, and returns their FLOP/s: ``[rows, D] @
+    [D, cols]`` (logits), ``[rows, cols] @ [cols, D]`` (dX) and ``[cols, rows] @ [rows, D]``
+    (dW), with ``cols`` up to the case's vocabulary. The matrix-product rate that bounds
+    every implementation here; CPUs with AMX run small cache-resident products several
+    times faster than these, so the probe keeps the case's operand sizes."""
+    rows, cols = (8192, min(v, 65536)) if device.type == "cuda" else (512, min(v, 32768))
+    g = torch.Generator(device).manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(DTYPES[dtype])  # noqa: E731
+    x, w, dz = make(rows, d), make(cols, d), make(rows, cols)
+    z, dx, dw = make(rows, cols), make(rows, d), make(cols, d)
+
+    def products():
+        torch.mm(x, w.t(), out=z)
+        torch.mm(dz, w, out=dx)
+        torch.mm(dz.t(), x, out=dw)
+
+    return lambda: 6 * rows * cols * d / elapsed(device, products)
 
 
 def make_step(fn, pass_: str):
@@ -93,86 +108,148 @@ def make_step(fn, pass_: str):
     return step
 
 
-def measure(spec: dict) -> dict:
-    """The child's work: times, peak extra memory, and the outputs saved to ``spec["outputs"]``."""
-    device = torch.device(spec["device"])
-    opts = Options(**spec["opts"])
-    fn = IMPLS[spec["impl"]].build(opts, device)
-    sets = input_sets(Case(**spec["case"]), opts, device)
-    if spec["pass"] == "fwd-bwd":
-        for s in sets:
-            s.x.requires_grad_()
-            s.w.requires_grad_()
-    step = make_step(fn, spec["pass"])
-    for i in range(WARMUP):
-        step(sets[i % len(sets)])
-    probe = matmul_probe(device, spec["case"]["dtype"], spec["case"]["d"])
-    rates = [probe() for _ in range(20)]
-    times = []
-    for i in range(WARMUP, WARMUP + spec["repeats"]):
-        times.append(elapsed(device, step, sets[i % len(sets)]))
-        rates += [probe() for _ in range(3)]  # the best rate of the same stretch of time as the runs
-    del probe
-    (loss, grads), peak = peak_memory(device, step, sets[0])
-    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
-    torch.save({"loss": loss.detach().cpu(), "grads": [g.cpu() for g in grads]}, spec["outputs"])
-    return {"times": times, "extra_bytes": peak - grad_bytes, "matmul_flops": max(rates), "rotated_sets": len(sets)}
+class TooSlow(Exception):
+    """The implementation would take longer than the case's time budget; the message says how long one run takes."""
 
 
-def _run(spec: dict) -> dict:
-    """:func:`measure` with its failures turned into results; afterwards nothing of the case
-    stays (compiled graphs, cached device memory) to weigh on the next one or on other workers."""
-    try:
-        return measure(spec)
-    except Skip as e:
+class CaseRuns:
+    """One case in a worker: the loss built for it, its input sets and the warm-up done at
+    construction, then one timed run per :meth:`run` and the memory run in :meth:`finish`.
+
+    Construction raises :class:`TooSlow` when the first run alone, or the runs after the
+    second at the second's pace, would take more than ``spec["budget_s"]`` seconds."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.device = device = torch.device(spec["device"])
+        opts = Options(**spec["opts"])
+        fn = IMPLS[spec["impl"]].build(opts, device)
+        self.sets = input_sets(Case(**spec["case"]), opts, device)
+        if spec["pass"] == "fwd-bwd":
+            for s in self.sets:
+                s.x.requires_grad_()
+                s.w.requires_grad_()
+        self.step = make_step(fn, spec["pass"])
+        budget, runs_left = spec["budget_s"], WARMUP + spec["repeats"] + 1  # the memory run comes last
+        for i in range(WARMUP):  # the first run compiles, where there is anything to compile: not counted
+            run_s = elapsed(device, self.step, self.sets[i % len(self.sets)])
+            runs_left -= 1
+            if run_s * (runs_left if i else 1) > budget:
+                raise TooSlow(f"one run took {run_s:.1f} s; {runs_left} more would pass the {budget:g} s budget"
+                              if i else f"the first run took {run_s:.1f} s, more than the {budget:g} s budget")
+        case = spec["case"]
+        self.probe = matmul_probe(device, case["dtype"], case["d"], case["v"])
+        self.rates = [self.probe() for _ in range(PROBES_BEFORE)]
+        self.times = []
+
+    def run(self) -> dict:
+        """One timed run on the next input set, then probes of the matrix-product rate (the best
+        rate of the same stretch of time as the runs)."""
+        inputs = self.sets[(WARMUP + len(self.times)) % len(self.sets)]
+        self.times.append(elapsed(self.device, self.step, inputs))
+        self.rates += [self.probe() for _ in range(PROBES_BETWEEN)]
+        return {"time_s": self.times[-1]}
+
+    def finish(self) -> dict:
+        """The memory run on input set 0, its outputs saved to ``spec["outputs"]``; the summary."""
+        del self.probe
+        (loss, grads), peak = peak_memory(self.device, self.step, self.sets[0])
+        grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+        torch.save({"loss": loss.detach().cpu(), "grads": [g.cpu() for g in grads]}, self.spec["outputs"])
+        kept = sum(int((s.y != IGNORE_INDEX).sum()) for s in self.sets) / len(self.sets)
+        return {"times": self.times, "extra_bytes": peak - grad_bytes, "matmul_flops": max(self.rates),
+                "rotated_sets": len(self.sets), "kept_tokens": kept}
+
+
+def _failure(e: BaseException) -> dict:
+    """A failed step as a result: skipped, too slow, out of memory (an outcome on large shapes,
+    not a failure of the run) or an error (reported in the table and the JSON, not fatal)."""
+    if isinstance(e, Skip):
         return {"skipped": str(e)}
-    except torch.OutOfMemoryError:  # an outcome on large shapes, not a failure of the run
+    if isinstance(e, TooSlow):
+        return {"too slow": str(e)}
+    if isinstance(e, torch.OutOfMemoryError):
         return {"oom": "out of memory"}
-    except Exception as e:  # reported in the table and the JSON, not fatal to the run
-        return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300], "traceback": traceback.format_exc()}
-    finally:
-        torch._dynamo.reset()
-        gc.collect()
-        torch.cuda.empty_cache()
+    return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300], "traceback": traceback.format_exc()}
+
+
+def _release() -> None:
+    """Leave nothing of a case (compiled graphs, cached device memory) to weigh on the next one or on other workers."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _serve(conn) -> None:
-    """The worker's loop: a spec in, a result out, until ``None`` (or the parent is gone).
-    Its output is dropped so that it does not break the parent's progress bar."""
+    """The worker's loop: ``(op, spec)`` in ("prepare", "run", "finish"), a result out, until
+    ``None`` (or the parent is gone). Its output is dropped so that it does not break the
+    parent's progress bar."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
+    case = None
     try:
-        for spec in iter(conn.recv, None):
-            conn.send(_run(spec))
+        for op, spec in iter(conn.recv, None):
+            try:
+                if op == "prepare":
+                    case = CaseRuns(spec)
+                    result = {"ready": True}
+                else:
+                    result = case.run() if op == "run" else case.finish()
+            except Exception as e:
+                result = _failure(e)
+            if op == "finish" or "ready" not in result and "time_s" not in result:
+                case = None
+                _release()
+            conn.send(result)
     except EOFError:
         pass
 
 
 class Worker:
     """A fresh process for one implementation, kept for all the cases of a run so that imports
-    happen once; it is restarted if it dies."""
+    happen once; it is restarted if it dies. Per case: :meth:`prepare`, :meth:`run` once per
+    timed run, :meth:`finish`; each returns a failure (``skipped``, ``too slow``, ``oom``,
+    ``error``) where the case cannot go on. A process still busy after twice the budget and a
+    grace period (a run that never ends) is killed."""
 
     def __init__(self, impl: str):
         self.impl, self.proc = impl, None
 
-    def run(self, case: Case, opts: Options, pass_: str, device: str, repeats: int, outputs: Path) -> dict:
-        """Measure ``case``; the result has ``outputs`` (the saved loss and gradients) when it ran,
-        else ``skipped``, ``oom`` or ``error``."""
+    def prepare(self, case: Case, opts: Options, pass_: str, device: str, repeats: int, outputs: Path,
+                budget_s: float) -> dict:
+        """Build the loss and inputs of ``case`` and warm up: ``{"ready": True}`` or a failure."""
         if self.proc is None or not self.proc.is_alive():
             ctx = multiprocessing.get_context("spawn")
             self.conn, child = ctx.Pipe()
             self.proc = ctx.Process(target=_serve, args=(child,))
             self.proc.start()
+        self.budget_s, self.outputs = budget_s, outputs
         spec = {"impl": self.impl, "case": vars(case), "opts": vars(opts), "pass": pass_, "device": device,
-                "repeats": repeats, "outputs": str(outputs)}
-        self.conn.send(spec)
+                "repeats": repeats, "outputs": str(outputs), "budget_s": budget_s}
+        return self._ask("prepare", spec)
+
+    def run(self) -> dict:
+        """One timed run: ``{"time_s": ...}`` or a failure."""
+        return self._ask("run")
+
+    def finish(self) -> dict:
+        """The memory run and the case's results; they have ``outputs`` (the saved loss and
+        gradients) when it ran."""
+        result = self._ask("finish")
+        return {**result, "outputs": str(self.outputs)} if "times" in result else result
+
+    def _ask(self, op: str, spec: Optional[dict] = None) -> dict:
+        self.conn.send((op, spec))
+        if not self.conn.poll(2 * self.budget_s + KILL_GRACE_S):
+            self.proc.kill()
+            self.proc.join()
+            return {"too slow": f"no result within twice the {self.budget_s:g} s budget"}
         try:
-            result = self.conn.recv()
+            return self.conn.recv()
         except EOFError:
             self.proc.join()
             return {"error": f"worker died with exit code {self.proc.exitcode}"}
-        return {**result, "outputs": str(outputs)} if "times" in result else result
 
     def close(self) -> None:
         if self.proc is not None and self.proc.is_alive():

@@ -127,6 +127,22 @@ def _cce(opts: Options, device: torch.device):
     return loss
 
 
+def _torch_lce(opts: Options, device: torch.device):
+    """PyTorch's own ``F.linear_cross_entropy`` on its chunked path (``LinearCrossEntropyOptions()``,
+    automatic policy), the fused loss every torch user has."""
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def loss(x, w, y, a):
+        return F.linear_cross_entropy(x, w, y, ignore_index=IGNORE_INDEX, options=options)
+    return loss
+
+
+def _torch_lce_missing(device: torch.device) -> Optional[str]:
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return None
+    return f"torch {torch.__version__} has no F.linear_cross_entropy (PyTorch 2.13 and later)"
+
+
 def _liger(opts: Options, device: torch.device):
     """Liger-Kernel's fused linear CE, accumulating gradients in float32 as sftkey does."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -182,6 +198,8 @@ IMPLS = {impl.name: impl for impl in (
     Impl("sftkey-torch", _sftkey("torch")),
     Impl("torch-eager", lambda opts, device: eager_loss(opts)),
     Impl("torch-compile", _compiled),
+    # chunked only for plain cross-entropy: with label smoothing it materializes, with a warning
+    Impl("torch-lce", _torch_lce, frozenset(), device_skip=_torch_lce_missing),
     Impl("cce", _cce, frozenset({"token_weights", "softcap"}), "cut-cross-entropy"),
     Impl("liger", _liger, frozenset({"token_weights", "label_smoothing", "softcap", "z_loss"}),
          "liger-kernel", _cuda_device),

@@ -1,7 +1,7 @@
 """sftkey: fused linear cross-entropy for LLM fine-tuning, without the N x V logits."""
 from . import reference
 from .api import LinearCrossEntropyLoss, LogitStats, LossStats, linear_cross_entropy, logit_stats
-from .config import set_chunk_budget
+from .config import set_chunk_budget, set_lowp_products
 
 __version__ = "0.1.0"
 
@@ -13,4 +13,5 @@ __all__ = [
     "logit_stats",
     "reference",
     "set_chunk_budget",
+    "set_lowp_products",
 ]

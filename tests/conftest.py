@@ -74,3 +74,19 @@ def _one_thread():
 @pytest.fixture(params=backends())
 def backend(request):
     return request.param
+
+
+def force_ways(monkeypatch, index: int) -> None:
+    """Make every product of the torch backend take way ``index`` (modulo its number of ways)."""
+    from sftkey.backends import products
+
+    class Always(dict):
+        def __init__(self, count):
+            super().__init__()
+            self.way = index % count
+
+        def get(self, key, default=None):
+            return self.way
+
+    for ways in (products.LOGITS, products.DX, products.DW):
+        monkeypatch.setattr(ways, "chosen", Always(len(ways.ways)))

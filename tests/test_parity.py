@@ -9,7 +9,7 @@ import torch
 import sftkey
 from sftkey import config
 
-from conftest import DEVICE, DTYPES, assert_close, make_head
+from conftest import DEVICE, DTYPES, assert_close, force_ways, make_head
 
 torch_backend = importlib.import_module("sftkey.backends.torch")  # the package's `torch` attribute is the library
 
@@ -21,12 +21,12 @@ SEEDS = range(8)
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Groups of 32 rows worked in blocks of 16 (bf16/fp16), and dW staged in slices of tens
-    of vocabulary rows, so group, block and slice edges are exercised; dX by the transposed
-    product from D=32 (D=40 and 48 here), by the plain one below."""
+    """Groups of 32 rows worked in blocks of 16 (bf16/fp16), and dW staged (and a W of float32
+    products up-cast) in slices of tens of vocabulary rows, so group, block and slice edges
+    are exercised."""
     monkeypatch.setattr(config, "chunk_budget_bytes", 20000)
     monkeypatch.setattr(torch_backend, "_STAGING_BYTES", 8192)
-    monkeypatch.setattr(torch_backend, "_DX_TRANSPOSED_FROM", 32)
+    monkeypatch.setattr(torch_backend, "_UPCAST_BYTES", 4096)
 
 
 def random_options(rng: random.Random, x, w, y, bias):
@@ -73,9 +73,19 @@ def double(opts):
     return {k: (v.detach().double().requires_grad_() if k == "bias" else v) for k, v in opts.items()}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+#: Each dtype with its products in that dtype, and bf16/fp16 also with float32 products (as on
+#: CPUs where theirs are not native).
+PRODUCT_DTYPES = [(d, "native") for d in DTYPES] + [(d, "float32") for d in DTYPES if d != torch.float32]
+
+
+@pytest.mark.parametrize("dtype,lowp_products", PRODUCT_DTYPES, ids=lambda p: str(p))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_matches_reference(backend, dtype, seed):
+def test_matches_reference(backend, dtype, seed, lowp_products, monkeypatch):
+    """Also each way of forming the torch backend's products (one per seed, in turn)."""
+    if lowp_products == "float32" and backend != "torch":
+        pytest.skip("float32 products of bf16/fp16 inputs are a torch-backend path")
+    monkeypatch.setattr(config, "lowp_products", lowp_products)
+    force_ways(monkeypatch, seed)
     rng = random.Random(seed * 7919 + DTYPES.index(dtype))
     n, d, v = SHAPES[seed % len(SHAPES)]
     x, w, bias, y = make_head(n, d, v, dtype, seed=seed, bias=rng.random() < 0.5)
@@ -126,17 +136,21 @@ def test_multi_dim_targets_and_shift(backend, dtype):
         assert_close(g, r, dtype, "grad")
 
 
+@pytest.mark.parametrize("lowp_products", config.LOWP_MODES[1:])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n", [100, 300])
-def test_low_precision_dw_one_group_or_float32_sum(dtype, n):
-    """A bf16/fp16 dW: N=100 rows fit one group within the budget plus the float32 dW buffer's
-    4VD bytes (one product, no buffer; its 100 rows split at 64 for the products); N=300 do
-    not, and the groups' products are summed in the float32 buffer."""
+@pytest.mark.parametrize("groups", ["one", "several"])
+def test_low_precision_dw_one_group_or_float32_sum(dtype, groups, lowp_products, monkeypatch):
+    """A bf16/fp16 dW: few rows fit one group within the budget plus the float32 dW buffer's
+    4VD bytes (one product, no buffer; native products of 100 rows split at 64, float32 ones
+    of 60 rows staged slice by slice); 300 rows do not, and the groups' products are summed in
+    the float32 buffer."""
+    monkeypatch.setattr(config, "lowp_products", lowp_products)
+    n = 300 if groups == "several" else 100 if lowp_products == "native" else 60
     d, v = 48, 131
     x, w, _, y = make_head(n, d, v, dtype, seed=n)
     head = torch_backend.Head(x.detach().reshape(n, d), w.detach(), None, y.clamp_min(-1), None, None)
     rows = torch_backend._Workspace(head, two_buffers=False, dw=True).group_rows
-    assert (rows == n) == (n == 100), f"group of {rows} rows for N={n}"
+    assert (rows == n) == (groups == "one"), f"group of {rows} rows for N={n}"
     opts = dict(token_weights=torch.rand(n, generator=torch.Generator().manual_seed(n)).to(DEVICE), z_loss=1e-3)
     got_loss, got_grads, _ = run(x, w, y, dict(opts, reduction="mean"), "torch", 0, return_stats=False)
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
@@ -144,12 +158,3 @@ def test_low_precision_dw_one_group_or_float32_sum(dtype, n):
     assert_close(got_loss, want_loss, dtype, "loss")
     for name, got, want in zip(("dX", "dW"), got_grads, want_grads):
         assert_close(got, want, dtype, f"{name} N={n}")
-
-
-@pytest.mark.parametrize("rows", [1, 63, 64, 100, 129])
-def test_products_split_at_64_rows(rows):
-    g = torch.Generator().manual_seed(rows)
-    a, b = torch.randn(rows, 24, generator=g), torch.randn(24, 37, generator=g)
-    out = torch.full((rows, 37), float("nan"))
-    torch_backend._mm(a, b, out)
-    assert_close(out, a.double() @ b.double(), torch.float32, f"{rows} rows")

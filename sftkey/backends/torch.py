@@ -1,25 +1,29 @@
 """Chunked pure-PyTorch backend: any device, any dtype, never an N x V buffer.
 
-Rows go in *groups* of ``R`` rows, whose logits products land in one buffer of the input
-dtype that fits :data:`sftkey.config.chunk_budget_bytes`; each group is worked through in
-*blocks* of ``r <= R`` rows for the elementwise math in the accumulation dtype ``A``
-(float64 for float64 inputs, else float32). The buffers are reused for every group:
+Rows go in *groups* of ``R`` rows, whose logits products land in one buffer that fits
+:data:`sftkey.config.chunk_budget_bytes`; each group is worked through in *blocks* of
+``r <= R`` rows for the elementwise math in the accumulation dtype ``A`` (float64 for
+float64 inputs, else float32). The products take the inputs' dtype, or float32 from
+bf16/fp16 inputs where the device has no native low-precision product
+(:mod:`.products`). The buffers are reused for every group:
 
-* ``out`` ``[R, V]`` input dtype: logits products, then ``dz`` for the gradient products;
-* ``z``   ``[r, V]`` A: a block's logits (soft-capped), later ``dz`` (bf16/fp16 inputs only;
-  for float32/float64 a block works on its rows of ``out`` directly); ``r`` rows fill an
-  eighth of the budget;
+* ``out`` ``[R, V]`` products' dtype: logits products, then ``dz`` for the gradient products;
+* ``z``   ``[r, V]`` A: a block's logits (soft-capped), later ``dz`` (native bf16/fp16
+  products only; otherwise a block works on its rows of ``out`` directly); ``r`` rows fill
+  an eighth of the budget;
 * ``p``   ``[r, V]`` A: ``exp(z - m)`` beside the logits, only where ``S`` or its gradient
   is needed (else the exponential overwrites the logits);
-* ``f``   ``[r, V]`` A (softcap only): ``1 - (z / cap)^2``.
+* ``f``   ``[r, V]`` A (softcap only): ``1 - (z / cap)^2``;
+* ``x32`` ``[R, D]`` and ``w32`` (a slice of W's rows), float32: the up-cast operands of
+  float32 products from bf16/fp16 inputs.
 
 The gradient products run once per group, so the float32 ``dW`` (one buffer of W's size for
 a bf16/fp16 W, none for float32, where ``addmm_`` adds in place) is read and written
-``N / R`` times; a bf16/fp16 product of a vocabulary slice goes through a staging pair sized
-to stay in cache. Where all rows fit in one group within the budget plus that buffer's
-``4VD`` bytes, they make one group instead: its ``dW`` is a single product (summed in float32
-inside the matrix product), so the buffer is not needed and the products are as large as
-they can be. The math of ``dz`` is DESIGN.md's: the one-hot term is a scatter, the
+``N / R`` times; a native bf16/fp16 product of a vocabulary slice goes through a staging
+pair sized to stay in cache. Where all rows fit in one group within the budget plus that
+buffer's ``4VD`` bytes, they make one group instead: its ``dW`` is a single product (summed
+in float32 inside the matrix product), so the buffer is not needed and the products are as
+large as they can be. The math of ``dz`` is DESIGN.md's: the one-hot term is a scatter, the
 class-weight term an in-place rank-one update of the block.
 """
 from __future__ import annotations
@@ -31,15 +35,13 @@ from torch import Tensor
 
 from .. import config
 from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats, accumulation_dtype
+from . import products
+from .products import product_dtype
 
 _ROW_ALIGN = 16
 _BLOCK_SHARE = 8  # float32 blocks of budget / 8 bytes: as fast as larger ones, leaving the budget to the groups
-_MM_ALIGN = 64  # oneDNN runs a product of 1843 rows ~10% slower than one of 1792 and one of 51
-#: From this hidden size, ``dX`` is the product ``(W^T dz^T)^T``: oneDNN runs it 5-60% faster
-#: than ``dz W`` at D=4096 (V=32000, 128256), 2-5% slower at D=1024-2304 (bf16 on the build
-#: machine's CPU; float32 about even).
-_DX_TRANSPOSED_FROM = 4096
 _STAGING_BYTES = 2 << 20  # float32 staging of one dW slice: stays in cache, keeps the products large
+_UPCAST_BYTES = 4 << 20  # float32 slices of a bf16/fp16 W where its products are formed in float32
 
 
 def _rows(budget: int, bytes_per_row: int, n: int) -> int:
@@ -47,41 +49,41 @@ def _rows(budget: int, bytes_per_row: int, n: int) -> int:
     return min(n, max(_ROW_ALIGN, budget // bytes_per_row // _ROW_ALIGN * _ROW_ALIGN))
 
 
-def _mm(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """``a @ b`` into ``out``, the rows split at a multiple of 64 where their count is not one."""
-    cut = a.shape[0] // _MM_ALIGN * _MM_ALIGN
-    if cut in (0, a.shape[0]):
-        torch.mm(a, b, out=out)
-        return
-    torch.mm(a[:cut], b, out=out[:cut])
-    torch.mm(a[cut:], b, out=out[cut:])
-
-
 class _Workspace:
     """The buffers of one call, sized once and reused for every group and block of rows.
     ``two_buffers``: keep the logits beside ``exp(z - m)`` (needed for ``S`` and its gradient);
     ``dw``: a bf16/fp16 ``dW`` is formed, so one group may use the float32 buffer's memory;
-    ``rows``: the rows of ``x`` the targets refer to (None: all), gathered group by group."""
+    ``rows``: the rows of ``x`` the targets refer to (None: all), gathered group by group.
+
+    The products are formed in ``product_dtype`` (:mod:`.products`): the inputs' dtype, or
+    float32 from bf16/fp16 inputs where their products are not native (``upcast``); then
+    ``out`` is float32, the hidden states of a group are up-cast into ``x32`` and ``W`` slice by
+    slice into ``w32``."""
 
     def __init__(self, head: Head, two_buffers: bool, dw: bool = False, rows: Optional[Tensor] = None):
         x, w = head.x, head.w
-        n, V = head.y.shape[0], w.shape[0]
+        n, (V, D) = head.y.shape[0], w.shape
         self.acc = accumulation_dtype(x.dtype)
-        self.lowp = x.dtype != self.acc
+        self.upcast = product_dtype(x.device, x.dtype) != x.dtype
+        out_dtype = self.acc if self.upcast else x.dtype
+        out_size = out_dtype.itemsize
         budget = config.chunk_budget_bytes
-        one_group = dw and self.lowp and n * V * x.element_size() <= budget + w.numel() * 4
-        self.group_rows = n if one_group else _rows(budget, V * x.element_size(), n)
+        one_group = dw and x.dtype != self.acc and n * V * out_size <= budget + w.numel() * 4
+        self.group_rows = n if one_group else _rows(budget, V * out_size, n)
         self.block_rows = _rows(budget // _BLOCK_SHARE, V * 4, self.group_rows)
         kw = dict(dtype=self.acc, device=x.device)
-        self.out = torch.empty(self.group_rows, V, dtype=x.dtype, device=x.device)
-        self.z = torch.empty(self.block_rows, V, **kw) if self.lowp else None
+        self.out = torch.empty(self.group_rows, V, dtype=out_dtype, device=x.device)
+        self.z = torch.empty(self.block_rows, V, **kw) if out_dtype != self.acc else None
         self.p = torch.empty(self.block_rows, V, **kw) if two_buffers else None
         self.f = None if head.softcap is None else torch.empty(self.block_rows, V, **kw)
         self.b = None if head.b is None else head.b.to(self.acc)
         self.c = None if head.c is None else head.c.to(self.acc)
         self.softcap = head.softcap
         self.rows = rows
-        self.xg = None if rows is None else x.new_empty(self.group_rows, x.shape[1])
+        self.xg = None if rows is None else x.new_empty(self.group_rows, D)
+        if self.upcast:
+            self.x32 = torch.empty(self.group_rows, D, **kw)
+            self.w32 = torch.empty(min(V, max(_ROW_ALIGN, _UPCAST_BYTES // (D * 4))), D, **kw)
 
     def groups(self, n: int):
         for start in range(0, n, self.group_rows):
@@ -98,15 +100,29 @@ class _Workspace:
             yield slice(start, min(start + self.block_rows, group.stop))
 
     def products(self, head: Head, group: slice) -> Tensor:
-        """The logits products of a group of rows, into ``out``; returns the group's hidden states."""
+        """The logits products of a group of rows, into ``out``; returns the group's hidden
+        states (up-cast to float32 where the products are)."""
         x = self.hidden(head, group)
-        _mm(x, head.w.t(), self.out[: group.stop - group.start])
+        out = self.out[: group.stop - group.start]
+        if not self.upcast:
+            products.LOGITS(x, head.w.t(), out)
+            return x
+        x = self.x32[: out.shape[0]].copy_(x)
+        for cols, w in self.weight_slices(head.w):
+            torch.mm(x, w.t(), out=out[:, cols])
         return x
+
+    def weight_slices(self, w: Tensor):
+        """``(cols, W[cols] in float32)`` for consecutive slices of W's rows, through ``w32``."""
+        step = self.w32.shape[0]
+        for start in range(0, w.shape[0], step):
+            cols = slice(start, min(start + step, w.shape[0]))
+            yield cols, self.w32[: cols.stop - cols.start].copy_(w[cols])
 
     def logits(self, group: slice, rows: slice):
         """A block's logits ``z`` (and ``f`` under softcap) from its rows ``o`` of ``out``."""
         o = self.out[rows.start - group.start: rows.stop - group.start]
-        z = self.z[: o.shape[0]].copy_(o) if self.lowp else o
+        z = o if self.z is None else self.z[: o.shape[0]].copy_(o)
         if self.b is not None:
             z.add_(self.b)
         f = None
@@ -171,61 +187,86 @@ class _Workspace:
 class _Gradients:
     """``dX``, ``dW`` and ``db`` from each group's ``dz``; sums across groups in float32.
 
-    ``dW`` of a float32 W, or of a single group, is the products themselves (``addmm_`` adds
-    in place). A bf16/fp16 W over several groups sums in a float32 buffer of W's size: each
-    vocabulary slice's product goes through a staging pair sized to stay in cache, and the
-    last group writes the slice's sum in W's dtype while it is there."""
+    ``dW`` of a float32 W, or of a single group with native products, is the products
+    themselves (``addmm_`` adds in place; one product sums in float32 inside the matrix
+    product). A bf16/fp16 W over several groups sums in a float32 buffer of W's size: with
+    float32 products (``ws.upcast``) by ``addmm_`` into it, with native ones slice by slice
+    through a staging pair sized to stay in cache, the last group writing the slice's sum in
+    W's dtype while it is there. Float32 products of a single group go to W's dtype through
+    the float32 staging slice."""
 
     def __init__(self, head: Head, needs: Needs, ws: _Workspace):
         x, w = head.x, head.w
+        (V, D), several = w.shape, head.y.shape[0] > ws.group_rows
         self.head, self.ws = head, ws
         self.dx = None
         if needs.dx:  # rows not in ws.rows keep a zero gradient; the others go through dx_part
             self.dx = torch.empty_like(x) if ws.rows is None else torch.zeros_like(x)
-            self.dx_part = None if ws.rows is None else x.new_empty(ws.group_rows, x.shape[1])
-        self.db = torch.zeros(w.shape[0], dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
+            self.dx_part = None if ws.rows is None else x.new_empty(ws.group_rows, D)
+            self.dx32 = torch.empty(ws.group_rows, D, dtype=ws.acc, device=x.device) if ws.upcast else None
+        self.db = torch.zeros(V, dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
         self.dw = torch.empty_like(w) if needs.dw else None
-        self.sum = None
+        self.sum = self.stage = self.stage_lo = None
         self.first = True
-        if self.dw is not None and ws.lowp and head.y.shape[0] > ws.group_rows:
-            self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (w.shape[1] * 4))
-            rows = min(self.v_slice, w.shape[0])
-            self.sum = torch.empty(w.shape, dtype=ws.acc, device=w.device)
-            self.stage_lo = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
-            self.stage = torch.empty(rows, w.shape[1], dtype=ws.acc, device=w.device)
+        if self.dw is not None and w.dtype != ws.acc:
+            if several:
+                self.sum = torch.empty(w.shape, dtype=ws.acc, device=w.device)
+            if several != ws.upcast:  # native products of several groups, or float32 ones of one
+                self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (D * 4))
+                rows = min(self.v_slice, V)
+                self.stage = torch.empty(rows, D, dtype=ws.acc, device=w.device)
+                if not ws.upcast:
+                    self.stage_lo = torch.empty(rows, D, dtype=w.dtype, device=w.device)
 
     def add(self, group: slice, dz: Tensor, x: Tensor) -> None:
-        """Add the products of a group's ``dz`` (its rows of ``out``, input dtype) and hidden states ``x``."""
+        """Add the products of a group's ``dz`` (its rows of ``out``) and hidden states ``x``
+        (both in the products' dtype)."""
         head, rows = self.head, self.ws.rows
         if self.db is not None:
             self.db.add_(dz.sum(dim=0, dtype=self.db.dtype))
         if self.dx is not None:
             part = self.dx[group] if rows is None else self.dx_part[: group.stop - group.start]
-            if head.w.shape[1] >= _DX_TRANSPOSED_FROM:
-                part.copy_(torch.mm(head.w.t(), dz.t()).t())
+            if self.dx32 is not None:
+                self._dx_upcast(dz, part)
             else:
-                _mm(dz, head.w, part)
+                products.DX(dz, head.w, part)
             if rows is not None:
                 self.dx.index_copy_(0, rows[group], part)
         if self.dw is None:
             return
-        if self.sum is None:  # float32 W, or a single group: the products are dW itself
-            if self.first:
-                torch.mm(dz.t(), x, out=self.dw)
-            else:
-                self.dw.addmm_(dz.t(), x)
+        last = group.stop == head.y.shape[0]
+        if self.stage is not None:
+            self._add_staged(dz, x, last)
         else:
-            self._add_staged(dz, x, last=group.stop == head.y.shape[0])
+            total = self.dw if self.sum is None else self.sum
+            products.DW(dz.t(), x, total, accumulate=not self.first)
+            if last and self.sum is not None:
+                self.dw.copy_(self.sum)
         self.first = False
 
+    def _dx_upcast(self, dz: Tensor, part: Tensor) -> None:
+        """A group's ``dX = dz W`` in float32, over the float32 slices of W, into ``part``."""
+        total = self.dx32[: dz.shape[0]]
+        for i, (cols, w) in enumerate(self.ws.weight_slices(self.head.w)):
+            if i == 0:
+                torch.mm(dz[:, cols], w, out=total)
+            else:
+                total.addmm_(dz[:, cols], w)
+        part.copy_(total)
+
     def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
-        """A bf16/fp16 group's ``dW`` products, slice by slice through the staging pair."""
+        """A group's bf16/fp16 ``dW`` slice by slice: native products through the staging pair
+        into the float32 sums, or a single group's float32 products to W's dtype."""
         V = dz.shape[1]
+        stage = self.stage if self.stage_lo is None else self.stage_lo
         for v in range(0, V, self.v_slice):
             cols = slice(v, min(v + self.v_slice, V))
             k = cols.stop - cols.start
-            part = torch.mm(dz[:, cols].t(), x, out=self.stage_lo[:k])
-            if self.first:
+            part = stage[:k]
+            products.DW(dz[:, cols].t(), x, part)
+            if self.sum is None:
+                self.dw[cols].copy_(part)
+            elif self.first:
                 self.sum[cols].copy_(part)
             elif last:
                 self.dw[cols].copy_(self.stage[:k].copy_(part).add_(self.sum[cols]))

@@ -1,0 +1,177 @@
+"""How the torch backend forms its matrix products: in which dtype, and in which layout.
+
+**Dtype.** 
+Some CPUs have no native bf16 or fp16 matrix product (AVX2-only x86, for one): torch runs
+them emulated, 10-70x slower than float32. There the products are formed in float32 from
+the bf16/fp16 inputs, slice by slice, and everything comes back in the inputs' dtypes as
+elsewhere. :func:`product_dtype` decides per device and dtype, once per process (and thread
+count): on CUDA the products are native; on a CPU a chunk-sized timing of the low-precision
+product against the float32 one decides, after the cheaper check of whether oneDNN has a
+bf16/fp16 path on this CPU at all. ``sftkey.set_lowp_products`` overrides the choice.
+
+**Layout.** The same product runs at very different rates on different CPUs depending on
+the operands' layout and row count (oneDNN on AMX ran ``dX = dz W`` 1.6x faster plain than as
+``(W^T dz^T)^T``, where on a Zen 4 the transposed form was up to 1.6x faster). A
+:class:`Ways` holds equivalent ways to form one kind of product and, on the CPU, times each
+twice on its first call for a shape and keeps the fastest for that shape (``sftkey.config.
+tune_products``; off: always the first way).
+"""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from .. import config
+
+LOWP = (torch.bfloat16, torch.float16)
+#: The probe's product ``[rows, inner] @ [inner, cols]``: about 67 MFLOP, a few ms even where
+#: the low-precision product is emulated at ~10 GFLOP/s.
+_PROBE = (128, 512, 512)
+_PROBE_RUNS = 3
+#: Native means at least this share of the float32 rate. Emulated products run at 1-20% of
+#: it; a native path at par with float32 (fp16 through oneDNN on AVX-512 without AMX-FP16)
+#: beats up-casting, which adds passes over W.
+_NATIVE_SHARE = 0.5
+
+
+def product_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the torch backend's products of ``dtype`` inputs take on ``device``: ``dtype``
+    itself where it is native (or not a low-precision dtype), else float32."""
+    if dtype not in LOWP:
+        return dtype
+    mode = config.lowp_products
+    if mode == "native" or (mode == "auto" and (device.type != "cpu" or lowp_native_on_cpu(dtype))):
+        return dtype
+    return torch.float32
+
+
+def lowp_native_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs ``dtype`` (bf16 or fp16) matrix products natively: oneDNN has a
+    path for it and the probe product runs at least half as fast as in float32."""
+    return _native(dtype, torch.get_num_threads())
+
+
+@lru_cache(maxsize=None)
+def _native(dtype: torch.dtype, threads: int) -> bool:
+    if not onednn_supports(dtype):
+        return False
+    return _rate(dtype) >= _NATIVE_SHARE * _rate(torch.float32)
+
+
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN (torch's CPU matmul for bf16/fp16) has a path for ``dtype`` on this CPU."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: only the timing can tell
+        return True
+
+
+def _rate(dtype: torch.dtype) -> float:
+    """FLOP/s of the probe product in ``dtype`` on the CPU: the best of a few runs after a warm-up."""
+    rows, inner, cols = _PROBE
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=g).to(dtype)
+    b = torch.randn(cols, inner, generator=g).to(dtype)
+    out = torch.empty(rows, cols, dtype=dtype)
+    torch.mm(a, b.t(), out=out)
+    best = float("inf")
+    for _ in range(_PROBE_RUNS):
+        start = time.perf_counter()
+        torch.mm(a, b.t(), out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * inner * cols / max(best, 1e-9)
+
+
+def describe(device: torch.device) -> dict:
+    """The choice for each low-precision dtype on ``device`` and what it rests on (for benchmark stamps)."""
+    info = {"lowp_products": config.lowp_products}
+    if device.type == "cpu":
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        for dtype in LOWP:
+            name = str(dtype).removeprefix("torch.")
+            info[f"{name}_onednn"] = onednn_supports(dtype)
+            info[f"{name}_native"] = lowp_native_on_cpu(dtype)
+    for dtype in LOWP:
+        info[f"{str(dtype).removeprefix('torch.')}_products"] = str(product_dtype(device, dtype)).removeprefix("torch.")
+    return info
+
+
+#: ``way(a, b, out, accumulate)``: ``out = a @ b``, or ``out += a @ b`` where ``accumulate``.
+Way = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
+
+
+class Ways:
+    """Equivalent ways to form one kind of product ``a @ b`` into ``out``. A call uses the
+    way chosen for its operands' shapes, strides, dtype and the thread count; the first call
+    for them (not accumulating, on the CPU, with tuning on) runs every way twice and keeps
+    the fastest, leaving the product in ``out``."""
+
+    #: Rounds of timing per way: the first run of a new shape also pays oneDNN's set-up.
+    ROUNDS = 2
+
+    def __init__(self, *ways: Way):
+        self.ways = ways
+        self.chosen: dict = {}
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+        key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device, torch.get_num_threads())
+        way = self.chosen.get(key)
+        if way is None and not accumulate and a.device.type == "cpu" and config.tune_products:
+            way = self.chosen[key] = self._tune(a, b, out)
+            return
+        self.ways[way or 0](a, b, out, accumulate)
+
+    def _tune(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
+        best = [float("inf")] * len(self.ways)
+        for _ in range(self.ROUNDS):
+            for i, way in enumerate(self.ways):
+                start = time.perf_counter()
+                way(a, b, out, False)
+                best[i] = min(best[i], time.perf_counter() - start)
+        return best.index(min(best))
+
+
+def _plain(a, b, out, accumulate):
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+_MM_ALIGN = 64
+
+
+def _split_rows(a, b, out, accumulate):
+    """The rows up to a multiple of 64, then the rest (oneDNN on a Zen 4 ran 1843 rows ~10%
+    slower than 1792 and 51)."""
+    cut = a.shape[0] // _MM_ALIGN * _MM_ALIGN
+    if cut in (0, a.shape[0]):
+        _plain(a, b, out, accumulate)
+        return
+    _plain(a[:cut], b, out[:cut], accumulate)
+    _plain(a[cut:], b, out[cut:], accumulate)
+
+
+def _transposed(a, b, out, accumulate):
+    """``(b^T a^T)^T``: the product with the operands' roles swapped."""
+    product = torch.mm(b.t(), a.t()).t()
+    if accumulate:
+        out.add_(product)
+    else:
+        out.copy_(product)
+
+
+def _b_columns(a, b, out, accumulate):
+    """``b`` copied with its columns contiguous (``b^T`` row-major) first: a small copy where
+    ``b`` has few rows (the hidden states of a group in ``dW = dz^T X``)."""
+    _plain(a, b.t().contiguous().t(), out, accumulate)
+
+
+#: ``X W^T`` (logits), ``dz W`` (dX) and ``dz^T X`` (dW), each the first way unless tuned.
+LOGITS = Ways(_plain, _split_rows)
+DX = Ways(_plain, _split_rows, _transposed)
+DW = Ways(_plain, _b_columns)

@@ -1,0 +1,127 @@
+"""How the torch backend forms its products: the dtype decision (native or float32 from
+bf16/fp16), and the equivalent layouts of each product with the tuner that picks one."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sftkey import config, set_lowp_products
+from sftkey.backends import products
+
+from conftest import assert_close
+
+
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    """A clean cache of the native-or-not decision, restored afterwards."""
+    products._native.cache_clear()
+    yield
+    products._native.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_modes_decide_the_product_dtype(dtype, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(config, "lowp_products", "float32")
+    assert products.product_dtype(cpu, dtype) == torch.float32
+    monkeypatch.setattr(config, "lowp_products", "native")
+    assert products.product_dtype(cpu, dtype) == dtype
+    monkeypatch.setattr(config, "lowp_products", "auto")
+    assert products.product_dtype(cpu, dtype) == (dtype if products.lowp_native_on_cpu(dtype) else torch.float32)
+    assert products.product_dtype(torch.device("cuda"), dtype) == dtype  # cuBLAS: native
+    for other in (torch.float32, torch.float64):
+        assert products.product_dtype(cpu, other) == other
+
+
+def test_emulated_products_are_not_native(fresh_probe, monkeypatch):
+    """No oneDNN path, or a probe far below the float32 rate (an AVX2-only CPU): float32 products."""
+    monkeypatch.setattr(products, "onednn_supports", lambda dtype: False)
+    assert not products.lowp_native_on_cpu(torch.bfloat16)
+    products._native.cache_clear()
+    monkeypatch.setattr(products, "onednn_supports", lambda dtype: True)
+    rates = {torch.bfloat16: 3e9, torch.float16: 30e9, torch.float32: 40e9}
+    monkeypatch.setattr(products, "_rate", rates.__getitem__)
+    assert not products.lowp_native_on_cpu(torch.bfloat16)
+    assert products.lowp_native_on_cpu(torch.float16)  # at par with float32 counts as native
+
+
+def test_probe_times_real_products(fresh_probe):
+    rate = products._rate(torch.float32)
+    assert 1e8 < rate < 1e14, rate
+
+
+def test_describe_names_each_choice():
+    info = products.describe(torch.device("cpu"))
+    assert info["bfloat16_products"] in ("bfloat16", "float32")
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_set_lowp_products_checks_its_argument(monkeypatch):
+    monkeypatch.setattr(config, "lowp_products", "auto")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_lowp_products("fp32")
+    set_lowp_products("float32")
+    assert config.lowp_products == "float32"
+
+
+def test_environment_variable_is_checked():
+    result = subprocess.run([sys.executable, "-c", "import sftkey"], capture_output=True, text=True,
+                            env={"SFTKEY_LOWP_PRODUCTS": "bf16", "PATH": ""})
+    assert result.returncode != 0 and "SFTKEY_LOWP_PRODUCTS must be one of" in result.stderr
+
+
+def _operands(kind: str, rows: int, g: torch.Generator):
+    """``(a, b)`` laid out as the backend passes them: logits ``x @ W^T``, dX ``dz @ W``, dW ``dz^T @ x``."""
+    d, v = 24, 37
+    x, w, dz = torch.randn(rows, d, generator=g), torch.randn(v, d, generator=g), torch.randn(rows, v, generator=g)
+    return {"logits": (x, w.t()), "dx": (dz, w), "dw": (dz.t(), x)}[kind]
+
+
+KINDS = {"logits": products.LOGITS, "dx": products.DX, "dw": products.DW}
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("rows", [1, 63, 64, 100, 129])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_way_forms_the_product(kind, rows, accumulate):
+    g = torch.Generator().manual_seed(rows)
+    a, b = _operands(kind, rows, g)
+    start = torch.randn(a.shape[0], b.shape[1], generator=g)
+    want = a.double() @ b.double() + (start.double() if accumulate else 0)
+    for i, way in enumerate(KINDS[kind].ways):
+        out = start.clone() if accumulate else torch.full_like(start, float("nan"))
+        way(a, b, out, accumulate)
+        assert_close(out, want, torch.float32, f"{kind} way {i}, {rows} rows")
+
+
+def _slow(a, b, out, accumulate):
+    time.sleep(0.005)
+    products._plain(a, b, out, accumulate)
+
+
+def test_tuner_keeps_the_fastest_way_per_shape(monkeypatch):
+    monkeypatch.setattr(config, "tune_products", True)
+    ways = products.Ways(_slow, products._plain)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=g), torch.randn(8, 3, generator=g)
+    out = torch.full((5, 3), float("nan"))
+    ways(a, b, out)
+    assert list(ways.chosen.values()) == [1]
+    assert_close(out, a.double() @ b.double(), torch.float32, "product left by the tuning")
+    ways(a[:4], b, out[:4])  # another shape: tuned on its own
+    assert len(ways.chosen) == 2
+
+
+def test_tuner_off_or_accumulating_uses_the_first_way(monkeypatch):
+    calls = []
+    first = lambda a, b, out, acc: calls.append("first") or products._plain(a, b, out, acc)  # noqa: E731
+    ways = products.Ways(first, products._plain)
+    a, b, out = torch.ones(2, 3), torch.ones(3, 2), torch.zeros(2, 2)
+    monkeypatch.setattr(config, "tune_products", True)
+    ways(a, b, out, accumulate=True)  # tuning would add the product several times
+    assert calls == ["first"] and not ways.chosen and torch.equal(out, torch.full((2, 2), 3.0))
+    monkeypatch.setattr(config, "tune_products", False)
+    ways(a, b, out)
+    assert calls == ["first", "first"] and not ways.chosen
