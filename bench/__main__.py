@@ -2,7 +2,8 @@
 
 Each implementation runs in a fresh process of its own (see measure.py); the parent computes
 the float64 reference and verifies every result against it. The command exits with 1 when
-a result fails verification or errors. Methodology: NOTES.md.
+one of sftkey's results fails verification or errors (a peer's failures are reported, and
+do not). Methodology: NOTES.md.
 """
 from __future__ import annotations
 
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
         detail = r.get("reason") or ", ".join(f"{k} {v:.1e}" for k, v in r["rel_err"].items())
         limit = "" if r["status"] == "error" else f" (tolerance {TOLERANCE[r['dtype']]:g})"
         console.print(f"[bold red]{r['status']}: {r['impl']} on {r['case']}: {detail}{limit}", highlight=False)
-    return 1 if bad else 0
+    # a peer's inaccuracy is a finding, reported above; sftkey's own failures fail the run
+    return 1 if any(r["impl"].startswith("sftkey") for r in bad) else 0
 
 
 if __name__ == "__main__":
