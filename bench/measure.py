@@ -24,8 +24,8 @@ from .cases import DTYPES, IGNORE_INDEX, Case, Options, input_sets
 from .peers import IMPLS, Skip
 
 WARMUP = 2
-PROBES_BEFORE, PROBES_BETWEEN = 8, 2
-#: Seconds past the budget after which a busy worker is killed (its first run never ended).
+PROBES_BEFORE, PROBES_BETWEEN = 4, 1
+#: Seconds past the budget after which a busy worker is killed (a run that never ends).
 KILL_GRACE_S = 30
 
 
@@ -81,7 +81,7 @@ def matmul_probe(device: torch.device, dtype: str, d: int, v: int):
     (dW), with ``cols`` up to the case's vocabulary. The matrix-product rate that bounds
     every implementation here; CPUs with AMX run small cache-resident products several
     times faster than these, so the probe keeps the case's operand sizes."""
-    rows, cols = (8192, min(v, 65536)) if device.type == "cuda" else (512, min(v, 32768))
+    rows, cols = (8192, min(v, 65536)) if device.type == "cuda" else (256, min(v, 32768))
     g = torch.Generator(device).manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(DTYPES[dtype])  # noqa: E731
     x, w, dz = make(rows, d), make(cols, d), make(rows, cols)
@@ -113,11 +113,11 @@ class TooSlow(Exception):
 
 
 class CaseRuns:
-    """One case in a worker: the loss built for it, its input sets and the warm-up done at
-    construction, then one timed run per :meth:`run` and the memory run in :meth:`finish`.
-
-    Construction raises :class:`TooSlow` when the first run alone, or the runs after the
-    second at the second's pace, would take more than ``spec["budget_s"]`` seconds."""
+    """One case in a worker: the loss built for it, its input sets and the first warm-up run
+    at construction, the others in :meth:`warm`, then one timed run per :meth:`run` and the
+    memory run in :meth:`finish`. Each raises :class:`TooSlow` when the first run alone, or
+    the runs after the second at the second's pace, would take more than ``spec["budget_s"]``
+    seconds."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -130,17 +130,26 @@ class CaseRuns:
                 s.x.requires_grad_()
                 s.w.requires_grad_()
         self.step = make_step(fn, spec["pass"])
-        budget, runs_left = spec["budget_s"], WARMUP + spec["repeats"] + 1  # the memory run comes last
-        for i in range(WARMUP):  # the first run compiles, where there is anything to compile: not counted
-            run_s = elapsed(device, self.step, self.sets[i % len(self.sets)])
-            runs_left -= 1
-            if run_s * (runs_left if i else 1) > budget:
-                raise TooSlow(f"one run took {run_s:.1f} s; {runs_left} more would pass the {budget:g} s budget"
-                              if i else f"the first run took {run_s:.1f} s, more than the {budget:g} s budget")
-        case = spec["case"]
-        self.probe = matmul_probe(device, case["dtype"], case["d"], case["v"])
+        self.times, self.rates = [], []
+        self._warm_up(0)  # compiles, where there is anything to compile
+
+    def warm(self) -> dict:
+        """The other warm-up runs; then the probes of the matrix-product rate begin."""
+        for i in range(1, WARMUP):
+            self._warm_up(i)
+        case = self.spec["case"]
+        self.probe = matmul_probe(self.device, case["dtype"], case["d"], case["v"])
         self.rates = [self.probe() for _ in range(PROBES_BEFORE)]
-        self.times = []
+        return {"ready": True}
+
+    def _warm_up(self, i: int) -> None:
+        """Warm-up run ``i``; :class:`TooSlow` if the first takes more than the budget, or a
+        later one shows that the runs left would."""
+        budget, runs_left = self.spec["budget_s"], WARMUP + self.spec["repeats"] - i  # and the memory run
+        run_s = elapsed(self.device, self.step, self.sets[i % len(self.sets)])
+        if run_s * (runs_left if i else 1) > budget:
+            raise TooSlow(f"one run took {run_s:.1f} s; {runs_left} more would pass the {budget:g} s budget"
+                          if i else f"the first run took {run_s:.1f} s, more than the {budget:g} s budget")
 
     def run(self) -> dict:
         """One timed run on the next input set, then probes of the matrix-product rate (the best
@@ -181,7 +190,7 @@ def _release() -> None:
 
 
 def _serve(conn) -> None:
-    """The worker's loop: ``(op, spec)`` in ("prepare", "run", "finish"), a result out, until
+    """The worker's loop: ``(op, spec)`` in ("prepare", "warm", "run", "finish"), a result out, until
     ``None`` (or the parent is gone). Its output is dropped so that it does not break the
     parent's progress bar."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -193,12 +202,12 @@ def _serve(conn) -> None:
             try:
                 if op == "prepare":
                     case = CaseRuns(spec)
-                    result = {"ready": True}
+                    result = {"started": True}
                 else:
-                    result = case.run() if op == "run" else case.finish()
+                    result = getattr(case, op)()
             except Exception as e:
                 result = _failure(e)
-            if op == "finish" or "ready" not in result and "time_s" not in result:
+            if op == "finish" or not {"started", "ready", "time_s"} & set(result):
                 case = None
                 _release()
             conn.send(result)
@@ -210,8 +219,8 @@ class Worker:
     """A fresh process for one implementation, kept for all the cases of a run so that imports
     happen once; it is restarted if it dies. Per case: :meth:`prepare`, :meth:`run` once per
     timed run, :meth:`finish`; each returns a failure (``skipped``, ``too slow``, ``oom``,
-    ``error``) where the case cannot go on. A process still busy after twice the budget and a
-    grace period (a run that never ends) is killed."""
+    ``error``) where the case cannot go on. A process still busy after the budget and a grace
+    period (a run that never ends) is killed."""
 
     def __init__(self, impl: str):
         self.impl, self.proc = impl, None
@@ -227,7 +236,8 @@ class Worker:
         self.budget_s, self.outputs = budget_s, outputs
         spec = {"impl": self.impl, "case": vars(case), "opts": vars(opts), "pass": pass_, "device": device,
                 "repeats": repeats, "outputs": str(outputs), "budget_s": budget_s}
-        return self._ask("prepare", spec)
+        started = self._ask("prepare", spec)
+        return self._ask("warm") if "started" in started else started
 
     def run(self) -> dict:
         """One timed run: ``{"time_s": ...}`` or a failure."""
@@ -241,10 +251,10 @@ class Worker:
 
     def _ask(self, op: str, spec: Optional[dict] = None) -> dict:
         self.conn.send((op, spec))
-        if not self.conn.poll(2 * self.budget_s + KILL_GRACE_S):
+        if not self.conn.poll(self.budget_s + KILL_GRACE_S):
             self.proc.kill()
             self.proc.join()
-            return {"too slow": f"no result within twice the {self.budget_s:g} s budget"}
+            return {"too slow": f"a run did not end within the {self.budget_s:g} s budget"}
         try:
             return self.conn.recv()
         except EOFError:

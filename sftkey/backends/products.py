@@ -28,9 +28,10 @@ from .. import config
 
 LOWP = (torch.bfloat16, torch.float16)
 #: The probe's product ``[rows, inner] @ [inner, cols]``: about 67 MFLOP, a few ms even where
-#: the low-precision product is emulated at ~10 GFLOP/s.
+#: the low-precision product is emulated at ~10 GFLOP/s. Rounds alternate the two dtypes, so
+#: that other work on the machine weighs on both alike; the best of each counts.
 _PROBE = (128, 512, 512)
-_PROBE_RUNS = 3
+_PROBE_ROUNDS = 7
 #: Native means at least this share of the float32 rate. Emulated products run at 1-20% of
 #: it; a native path at par with float32 (fp16 through oneDNN on AVX-512 without AMX-FP16)
 #: beats up-casting, which adds passes over W.
@@ -58,7 +59,8 @@ def lowp_native_on_cpu(dtype: torch.dtype) -> bool:
 def _native(dtype: torch.dtype, threads: int) -> bool:
     if not onednn_supports(dtype):
         return False
-    return _rate(dtype) >= _NATIVE_SHARE * _rate(torch.float32)
+    rates = _rates((dtype, torch.float32))
+    return rates[dtype] >= _NATIVE_SHARE * rates[torch.float32]
 
 
 def onednn_supports(dtype: torch.dtype) -> bool:
@@ -70,20 +72,21 @@ def onednn_supports(dtype: torch.dtype) -> bool:
         return True
 
 
-def _rate(dtype: torch.dtype) -> float:
-    """FLOP/s of the probe product in ``dtype`` on the CPU: the best of a few runs after a warm-up."""
+def _rates(dtypes) -> dict:
+    """FLOP/s of the probe product in each of ``dtypes`` on the CPU: the best of alternating
+    rounds after a warm-up."""
     rows, inner, cols = _PROBE
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(rows, inner, generator=g).to(dtype)
-    b = torch.randn(cols, inner, generator=g).to(dtype)
-    out = torch.empty(rows, cols, dtype=dtype)
-    torch.mm(a, b.t(), out=out)
-    best = float("inf")
-    for _ in range(_PROBE_RUNS):
-        start = time.perf_counter()
-        torch.mm(a, b.t(), out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * inner * cols / max(best, 1e-9)
+    a, b = torch.randn(rows, inner, generator=g), torch.randn(cols, inner, generator=g)
+    operands = {dt: (a.to(dt), b.to(dt).t(), torch.empty(rows, cols, dtype=dt)) for dt in dtypes}
+    best = dict.fromkeys(dtypes, float("inf"))
+    for round_ in range(_PROBE_ROUNDS + 1):
+        for dt, (x, w, out) in operands.items():
+            start = time.perf_counter()
+            torch.mm(x, w, out=out)
+            if round_:  # the first round warms up
+                best[dt] = min(best[dt], time.perf_counter() - start)
+    return {dt: 2 * rows * inner * cols / max(t, 1e-9) for dt, t in best.items()}
 
 
 def describe(device: torch.device) -> dict:
