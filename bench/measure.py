@@ -75,15 +75,20 @@ def peak_memory(device: torch.device, fn, *args) -> tuple:
 
 
 def matmul_probe(device: torch.device, dtype: str, d: int, v: int):
-    """A function that times the three products of a training step on one chunk of rows, in
-    the case's dtype and into preallocated outputs, and returns their FLOP/s: ``[rows, D] @
-    [D, cols]`` (logits), ``[rows, cols] @ [cols, D]`` (dX) and ``[cols, rows] @ [rows, D]``
-    (dW), with ``cols`` up to the case's vocabulary. The matrix-product rate that bounds
-    every implementation here; CPUs with AMX run small cache-resident products several
-    times faster than these, so the probe keeps the case's operand sizes."""
+    """A function that times the three products of a training step on one chunk of rows,
+    into preallocated outputs, and returns their FLOP/s: ``[rows, D] @ [D, cols]`` (logits),
+    ``[rows, cols] @ [cols, D]`` (dX) and ``[cols, rows] @ [rows, D]`` (dW), with ``cols`` up to
+    the case's vocabulary. The matrix-product rate that bounds every implementation here;
+    CPUs with AMX run small cache-resident products several times faster than these, so the
+    probe keeps the case's operand sizes. Its dtype is the case's where the device runs it
+    natively, else float32 (where bf16/fp16 products are emulated, the fastest way to form
+    the products of such inputs)."""
+    from sftkey.backends.products import product_dtype
+
     rows, cols = (8192, min(v, 65536)) if device.type == "cuda" else (256, min(v, 32768))
     g = torch.Generator(device).manual_seed(0)
-    make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(DTYPES[dtype])  # noqa: E731
+    dt = product_dtype(device, DTYPES[dtype])
+    make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dt)  # noqa: E731
     x, w, dz = make(rows, d), make(cols, d), make(rows, cols)
     z, dx, dw = make(rows, cols), make(rows, d), make(cols, d)
 
