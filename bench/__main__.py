@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, help="dtype of presets and shapes that do not fix one (default: bf16 "
                    "where the device runs bf16 matrix products natively, else fp32)")
     p.add_argument("--preset", choices=PRESETS, help="default: gpu on CUDA, cpu-default elsewhere")
-    p.add_argument("--model", help="a DESIGN.md model (e.g. Llama-3-8B) at the token counts of --n")
+    p.add_argument("--model", help="a benchmark model of docs/benchmarks.md (e.g. Llama-3-8B) at the token counts of --n")
     p.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384], help="token counts for --model")
     p.add_argument("--shape", action="append", default=[], metavar="N,D,V", help="an explicit shape (repeatable)")
     p.add_argument("--pass", dest="pass_", choices=("fwd", "fwd-bwd"), default="fwd-bwd")

@@ -1,4 +1,4 @@
-"""What is benchmarked: shapes (DESIGN.md's models, explicit N/D/V, presets), loss options,
+"""What is benchmarked: shapes (the benchmark models of docs/benchmarks.md, explicit N/D/V, presets), loss options,
 and the inputs they define."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-#: DESIGN.md's benchmark models: name -> (D, V).
+#: The benchmark models (docs/benchmarks.md): name -> (D, V).
 MODELS = {
     "GPT-2": (768, 50257),
     "Llama-2-7B": (4096, 32000),
@@ -117,13 +117,13 @@ def _gpu(dtype: str) -> list:
 
 #: Preset name -> cases for a dtype. ``cpu-default``: two small shapes, a minute or two on a
 #: 2-core CPU; ``cpu-large``: D=1024, V=32768 at N=2048 and 4096, Llama-3-8B's head at N=1024
-#: (bf16), and the first again in fp32 (fixed dtypes); ``gpu``: every DESIGN.md model at
+#: (bf16), and the first again in fp32 (fixed dtypes); ``gpu``: every benchmark model at
 #: N=4096, 8192 and 16384.
 PRESETS = {"cpu-default": _cpu_default, "cpu-large": _cpu_large, "gpu": _gpu}
 
 
 def model_cases(name: str, ns: list, dtype: str) -> list:
-    """DESIGN.md's model ``name`` (case-insensitive) at each ``N`` in ``ns``."""
+    """The benchmark model ``name`` (case-insensitive) at each ``N`` in ``ns``."""
     found = {m.lower(): m for m in MODELS}.get(name.lower())
     if found is None:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")

@@ -60,7 +60,7 @@ def package_version(package: str) -> Optional[str]:
 
 
 def weighted_mean(ce, y, a, opts: Options, lse=None, entropy=None):
-    """DESIGN.md's mean of ``a * ce + zeta * lse^2 - e * H`` over non-ignored tokens, divided by
+    """docs/design.md's mean of ``a * ce + zeta * lse^2 - e * H`` over non-ignored tokens, divided by
     ``sum a`` (the count without token weights), from a peer's per-token terms."""
     valid = y != IGNORE_INDEX
     a = valid.float() if a is None else a * valid

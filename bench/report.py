@@ -156,7 +156,7 @@ def notes(rows: list, meta: dict) -> list:
     lines = list(dict.fromkeys(f"{r['impl']} {r['status']}: {r['reason']}" for r in rows if "reason" in r))
     w32 = dict.fromkeys(f"{4 * r['v'] * r['d'] / MIB:,.0f} MiB at D={r['d']} V={r['v']}" for r in rows
                         if r["dtype"] != "fp32")
-    if w32:  # DESIGN.md: memory figures state the float32 accumulator of dW apart
+    if w32:  # docs/design.md: memory figures state the float32 accumulator of dW apart
         lines.append("extra includes a float32 copy of W's size where an implementation accumulates dW in float32 "
                      "(sftkey for a bf16/fp16 W when N spans more than one group of rows, TRL, Liger here): " + ", ".join(w32))
     rates = [r["matmul_gflops"] for r in rows if "matmul_gflops" in r]

@@ -1,14 +1,17 @@
-"""Verification: relative errors of the loss, dX and dW against ``sftkey.reference`` in float64."""
+"""Verification: relative errors of the loss, dX and dW against ``sftkey.reference`` in float64,
+held to the tolerances of :mod:`sftkey.testing` (those of the tests)."""
 from __future__ import annotations
 
 import math
 
 import torch
+from sftkey.testing import TOLERANCE as _BY_DTYPE
+from sftkey.testing import rel_err
 
-from .cases import IGNORE_INDEX, Case, Inputs, Options
+from .cases import DTYPES, IGNORE_INDEX, Case, Inputs, Options
 
-#: Largest relative error that passes, per dtype.
-TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
+#: Largest relative error that passes, per dtype name.
+TOLERANCE = {name: _BY_DTYPE[dtype] for name, dtype in DTYPES.items()}
 #: The oracle materializes float64 logits; it runs on blocks of rows of at most this size.
 BLOCK_BYTES = 256 << 20
 
@@ -37,21 +40,11 @@ def reference(case: Case, opts: Options, inputs: Inputs, pass_: str) -> dict:
     return {"loss": loss, "grads": [x.grad.cpu(), w.grad.cpu()] if grad else []}
 
 
-def _rel_err(value: torch.Tensor, ref: torch.Tensor, rows: int = 4096) -> float:
-    """``||value - ref|| / ||ref||`` (Frobenius), accumulated in float64 over row blocks."""
-    num = den = 0.0
-    for start in range(0, ref.shape[0], rows):
-        r = ref[start:start + rows]
-        num += (value[start:start + rows].double() - r).square().sum().item()
-        den += r.square().sum().item()
-    return math.sqrt(num / den) if den else math.sqrt(num)
-
-
 def errors(outputs: dict, ref: dict) -> dict:
     """Relative errors of an implementation's saved ``outputs`` against the reference."""
     errs = {"loss": abs(outputs["loss"].double().item() - ref["loss"]) / max(abs(ref["loss"]), 1e-30)}
     for name, value, r in zip(("dx", "dw"), outputs["grads"], ref["grads"]):
-        errs[name] = _rel_err(value, r)
+        errs[name] = rel_err(value, r)
     return errs
 
 

@@ -69,8 +69,8 @@ def backward_kernel(x, w, b, y, c, lse, s_exp, g_lse, g_zy, g_s, g_z, dx, dw, db
             c_j = tl.where(col_mask, 1.0, 0.0)
         dz += c_j[None, :] * tl.load(g_z + rows64, mask=row_mask, other=0.0)[:, None]
     if SOFTCAP:
-        zc = z / softcap
-        dz = dz * (1.0 - zc * zc)
+        tanh_z = z / softcap
+        dz = dz * (1.0 - tanh_z * tanh_z)
 
     if FILTER:
         keep = tl.max(tl.max(p, 1), 0) >= filter_eps

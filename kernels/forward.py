@@ -4,10 +4,10 @@ Tiles: each program owns ``BLOCK_N`` rows of X and one split of the vocabulary
 (``tiles_per_split`` consecutive tiles of ``BLOCK_V`` columns). For each tile it forms
 ``z = X_rows W_tile^T (+ b)`` (soft-capped) as a ``BLOCK_N x BLOCK_V`` fp32 block from
 ``BLOCK_D``-wide slices of X and W, and folds it into running per-row values: the max ``m``,
-``l = sum exp(z - m)``, ``t = sum exp(z - m) z`` (both rescaled when ``m`` grows), the target
+``sum_exp = sum exp(z - m)``, ``t = sum exp(z - m) z`` (both rescaled when ``m`` grows), the target
 logit ``zy``, ``Z = sum_j c_j z_j``, the argmax (value, first index) and the top-k logits.
 It writes these ``O(BLOCK_N)`` partials for its split; the host merges the splits
-(``lse = m + log l``, ``S = t / l``), so several programs can share a row block's vocabulary
+(``lse = m + log sum_exp``, ``S = t / sum_exp``), so several programs can share a row block's vocabulary
 when there are few row blocks.
 
 ``logits_tile`` and ``softcap_tanh`` are shared with the backward kernel.
@@ -69,7 +69,7 @@ def _merge_topk(run, zm, cols_local, kk, TOPK: tl.constexpr, K_PAD: tl.constexpr
 
 @triton.jit
 def forward_kernel(x, w, b, y, c,
-                   m_out, l_out, t_out, zy_out, zc_out, amax_v_out, amax_i_out, topk_out,
+                   m_out, sum_exp_out, t_out, zy_out, wsum_out, amax_v_out, amax_i_out, topk_out,
                    N, V, D, tiles_per_split, softcap,
                    HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, SOFTCAP: tl.constexpr,
                    TOPK: tl.constexpr, K_PAD: tl.constexpr,
@@ -87,10 +87,10 @@ def forward_kernel(x, w, b, y, c,
     yt = tl.load(y + rows64, mask=row_mask, other=-1).to(tl.int32)
 
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
-    zc = tl.zeros((BLOCK_N,), tl.float32)
+    wsum = tl.zeros((BLOCK_N,), tl.float32)
     best_v = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     best_i = tl.zeros((BLOCK_N,), tl.int32)
     kk = tl.arange(0, K_PAD)
@@ -110,15 +110,15 @@ def forward_kernel(x, w, b, y, c,
         m_new = tl.maximum(m, tile_max)
         scale = tl.exp(m - m_new)
         e = tl.exp(zm - m_new[:, None])
-        l = l * scale + tl.sum(e, 1)
+        sum_exp = sum_exp * scale + tl.sum(e, 1)
         t = t * scale + tl.sum(e * z, 1)
         m = m_new
 
         zy += tl.sum(tl.where(cols[None, :] == yt[:, None], z, 0.0), 1)
         if HAS_C:
-            zc += tl.sum(z * tl.load(c + cols, mask=col_mask, other=0.0)[None, :], 1)
+            wsum += tl.sum(z * tl.load(c + cols, mask=col_mask, other=0.0)[None, :], 1)
         else:
-            zc += tl.sum(z, 1)
+            wsum += tl.sum(z, 1)
 
         tile_at = tl.min(tl.where(zm == tile_max[:, None], cols[None, :], V), 1)
         better = tile_max > best_v
@@ -129,10 +129,10 @@ def forward_kernel(x, w, b, y, c,
 
     out = split.to(tl.int64) * N + rows64
     tl.store(m_out + out, m, mask=row_mask)
-    tl.store(l_out + out, l, mask=row_mask)
+    tl.store(sum_exp_out + out, sum_exp, mask=row_mask)
     tl.store(t_out + out, t, mask=row_mask)
     tl.store(zy_out + out, zy, mask=row_mask)
-    tl.store(zc_out + out, zc, mask=row_mask)
+    tl.store(wsum_out + out, wsum, mask=row_mask)
     tl.store(amax_v_out + out, best_v, mask=row_mask)
     tl.store(amax_i_out + out, best_i.to(tl.int64), mask=row_mask)
     if TOPK > 0:

@@ -5,12 +5,12 @@ global normalizer that makes a data-parallel mean exact.
 ``group`` holds the same ``hidden`` and ``targets`` and rows ``[vocab_start, vocab_start + V_r)``
 of ``W`` (and of the bias); shards may be uneven. Each rank computes the statistics of its
 slice of the logits with its backend, and two all-reduces of ``O(N)`` values (a third for the
-argmax) turn them into the statistics of the full row (DESIGN.md's symbols; ``M`` the largest
+argmax) turn them into the statistics of the full row (docs/design.md's symbols; ``M`` the largest
 local ``lse``); the shard sizes are all-gathered first::
 
     lse = M + log sum_r exp(lse_r - M)        S = sum_r exp(lse_r - lse) S_r
     zy  = sum_r zy_r  (one rank owns y_i)     Z = sum_r Z_r
-    argmax: the largest top-1 logit, ties to the lowest global index   (return_stats only)
+    argmax: the largest top-1 logit, ties to the lowest global index
 
 The loss is then :mod:`sftkey.loss` on the global statistics, identical on every rank. The
 backward hands the backend the global ``lse`` and ``S``, so ``dz`` of the shard's columns is
@@ -24,17 +24,20 @@ Passing ``normalizer=global_normalizer(targets)`` divides by the global count in
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .api import flat_targets, flat_weights, loss_stats, prepare
-from .autograd import StatsFunction
+from . import passes
 from .backends import get_backend
-from .backends.base import Backend, Head, Needs, StatGrads, Stats, accumulation_dtype
-from .loss import LossOptions, denominator, nonzero, reduce, token_losses, weight_sum
+from .backends.base import Backend, Head, Needs, RowStats, StatGrads, accumulation_dtype
+from .inputs import flat_targets, flat_weights, prepare
+from .loss import TokenTerms, nonzero, weight_sum
+from .options import LossOptions, with_options
+from .results import LossStats
 
 __all__ = ["VocabShardBackend", "global_normalizer", "vocab_parallel_linear_cross_entropy"]
 
@@ -42,36 +45,33 @@ _NO_INDEX = torch.iinfo(torch.int64).max
 
 
 class VocabShardBackend(Backend):
-    """A backend on one shard of the vocabulary whose :class:`Stats` are those of the full
+    """A backend on one shard of the vocabulary whose :class:`RowStats` are those of the full
     logits row: the wrapped backend's local statistics, combined over ``group``. Its backward
-    (which receives the global ``lse`` and ``S`` from :class:`~sftkey.autograd.StatsFunction`)
-    returns the shard's ``dW``, ``db`` and the all-reduced ``dX``.
-
-    ``topk`` is 0 or 1; with 0 the argmax is not combined and reads -1."""
+    (which receives the global ``lse`` and ``S``) returns the shard's ``dW``, ``db`` and the
+    all-reduced ``dX``. Its single pass is the generic one: the forward, the loss's gradients
+    on the global statistics, then the backward. ``topk`` is 0 or 1."""
 
     name = "vocab_parallel"
 
     def __init__(self, inner: Backend, vocab_start: int, group=None):
         self.inner, self.vocab_start, self.group = inner, vocab_start, group
 
-    def forward(self, head: Head, topk: int = 0) -> Stats:
+    def forward(self, head: Head, topk: int = 0) -> RowStats:
         if topk not in (0, 1):
             raise ValueError(f"vocabulary-parallel statistics support topk 0 or 1, got {topk}")
-        local = self.inner.forward(head, topk)
-        top = local.topk[:, 0].to(local.lse.dtype) if topk else None
-        peak = torch.stack([local.lse, top]) if topk else local.lse[None].clone()
+        local = self.inner.forward(head, 1)  # the local top logit combines the argmax
+        top = local.topk[:, 0].to(local.lse.dtype)
+        peak = torch.stack([local.lse, top])
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
         scale = (local.lse - peak[0]).exp()
         sums = torch.stack([scale, scale * local.expected_logit, local.target_logit, local.weighted_logit_sum])
         dist.all_reduce(sums, group=self.group)
-        argmax = torch.full_like(local.argmax, -1)
-        if topk:
-            argmax = torch.where(top == peak[1], local.argmax + self.vocab_start, _NO_INDEX)
-            dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=self.group)
-        return Stats(peak[0] + sums[0].log(), sums[2], sums[1] / sums[0], sums[3], argmax,
-                     peak[1][:, None] if topk else None)
+        argmax = torch.where(top == peak[1], local.argmax + self.vocab_start, _NO_INDEX)
+        dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=self.group)
+        return RowStats(peak[0] + sums[0].log(), sums[2], sums[1] / sums[0], sums[3], argmax,
+                        peak[1][:, None] if topk else None)
 
-    def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs,
+    def backward(self, head: Head, stats: RowStats, grads: StatGrads, needs: Needs,
                  filter_eps: Optional[float] = None):
         dx, dw, db = self.inner.backward(head, stats, grads, needs, filter_eps)
         if dx is not None:
@@ -96,46 +96,35 @@ def _shard_layout(size: int, vocab_start: Optional[int], group, device) -> tuple
     return vocab_start, V
 
 
+@with_options(LossOptions, after="bias")
 def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, targets: Tensor, *, group=None,
                                         vocab_start: Optional[int] = None, bias: Optional[Tensor] = None,
-                                        class_weights: Optional[Tensor] = None, ignore_index: int = -100,
-                                        reduction: str = "mean", normalizer=None, shift: bool = False,
-                                        return_stats: bool = False, backend: str = "auto",
-                                        filter_eps: Optional[float] = None, **options):
+                                        options: Optional[LossOptions] = None, **kwargs):
     """:func:`sftkey.linear_cross_entropy` with the LM head split by vocabulary rows over ``group``.
 
     Call it on every rank of ``group`` with the same ``hidden [..., D]``, ``targets`` (global
     token ids) and options, and this rank's ``weight_shard [V_r, D]`` and ``bias [V_r]``.
     ``vocab_start``: the shard's first global row; None places the shards in rank order.
     ``class_weights`` is the full ``[V]`` vector (``V = sum_r V_r``; label smoothing needs its
-    sum over the whole vocabulary). Other ``options`` (``token_weights``, ``entropy_weights``,
-    ``label_smoothing``, ``z_loss``, ``softcap``, ``dft``) are :func:`sftkey.linear_cross_entropy`'s.
+    sum over the whole vocabulary). The options are :class:`~sftkey.options.LossOptions`.
 
     Returns the same loss on every rank (and with ``return_stats`` the same ``LossStats``);
     its backward gives each rank the full ``dX`` and the gradient of its own shard.
     """
-    if backend == "reference":
+    opts = LossOptions.build(options, kwargs, "vocab_parallel_linear_cross_entropy")
+    if opts.backend == "reference":
         raise ValueError("backend='reference' materializes the logits; use 'auto', 'torch' or 'triton' per shard")
     size = weight_shard.shape[0]
     start, V = _shard_layout(size, vocab_start, group, hidden.device)
-    end = start + size
-    p = prepare(hidden, weight_shard, targets, bias=bias, class_weights=class_weights, ignore_index=ignore_index,
-                reduction=reduction, normalizer=normalizer, shift=shift, backend=backend,
-                filter_eps=filter_eps, vocab_size=V, **options)
-    y, opts = p.y, p.opts
+    p = prepare(hidden, weight_shard, targets, bias, opts, vocab_size=V)
     # The shard's backend sees local targets (-1: ignored, or another shard's) and class weights' rows.
-    y_local = torch.where((y >= start) & (y < end), y - start, -1)
-    c_local = None if p.c is None else p.c[start:end]
-    shard = VocabShardBackend(get_backend(backend, p.x.device), start, group)
-    with p.autocast_off():
-        parts = StatsFunction.apply(p.x, p.w, p.b, y_local, c_local, p.softcap, int(return_stats), shard,
-                                    filter_eps)
-        stats = Stats(*parts[:5])
-        denom = denominator(y, opts, normalizer, p.acc) if reduction == "mean" else None
-        loss = reduce(token_losses(stats, y, opts), reduction, denom)
-    if reduction == "none":
+    y_local = torch.where((p.y >= start) & (p.y < start + size), p.y - start, -1)
+    c_local = None if p.head.c is None else p.head.c[start:start + size]
+    p = replace(p, head=replace(p.head, y=y_local, c=c_local))
+    loss, stats = passes.loss(p, VocabShardBackend(get_backend(opts.backend, p.head.x.device), start, group))
+    if opts.reduction == "none":
         loss = loss.reshape(p.shape)
-    return (loss, loss_stats(stats, y, p.shape)) if return_stats else loss
+    return (loss, LossStats.of(stats, p.y, p.shape)) if opts.return_stats else loss
 
 
 def global_normalizer(targets: Tensor, *, token_weights: Optional[Tensor] = None,
@@ -166,8 +155,8 @@ def global_normalizer(targets: Tensor, *, token_weights: Optional[Tensor] = None
     if token_weights is not None and token_weights.shape != targets.shape:
         raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
                          f"got {tuple(token_weights.shape)}")
-    opts = LossOptions(vocab_size=0, token_weights=flat_weights(token_weights, shift, torch.float64),
+    terms = TokenTerms(vocab_size=0, token_weights=flat_weights(token_weights, shift, torch.float64),
                        class_weights=None if class_weights is None else class_weights.double())
-    total = weight_sum(y, opts, torch.float64)
+    total = weight_sum(y, terms, torch.float64)
     dist.all_reduce(total, group=group)
     return nonzero(total) / dist.get_world_size(group)

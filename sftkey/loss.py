@@ -1,4 +1,4 @@
-"""The per-token loss on the logits' statistics: DESIGN.md's formulas, written once.
+"""The per-token loss on the logits' statistics: the formulas of docs/design.md, written once.
 
 For a non-ignored token (``y_i >= 0``), with ``u_i = zy_i - lse_i`` (log p of the target),
 class weights ``w`` (ones when absent) and ``eps`` the label smoothing::
@@ -19,12 +19,14 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends.base import StatGrads, Stats
+from .backends.base import RowStats
 
 
 @dataclass(frozen=True)
-class LossOptions:
-    """The loss's options, validated and flattened to ``[N]`` (float32 or float64 tensors)."""
+class TokenTerms:
+    """The loss's terms per token, flattened to ``[N]`` in the accumulation dtype: token weights
+    ``a``, entropy weights ``e`` (or a scalar), class weights ``w`` ``[V]``, and the scalar
+    coefficients."""
 
     vocab_size: int
     token_weights: Optional[Tensor] = None
@@ -34,83 +36,83 @@ class LossOptions:
     z_loss: float = 0.0
     dft: bool = False
 
-    def rows(self, rows: Union[slice, Tensor]) -> "LossOptions":
-        """The options restricted to some rows (a slice, or an index tensor)."""
+    def select(self, index: Union[slice, Tensor]) -> "TokenTerms":
+        """The terms of some tokens (a slice, or an index tensor)."""
         ew = self.entropy_weights
         return replace(
             self,
-            token_weights=None if self.token_weights is None else self.token_weights[rows],
-            entropy_weights=ew[rows] if isinstance(ew, Tensor) and ew.dim() > 0 else ew,
+            token_weights=None if self.token_weights is None else self.token_weights[index],
+            entropy_weights=ew[index] if isinstance(ew, Tensor) and ew.dim() > 0 else ew,
         )
 
     @property
-    def uses_expected_logit(self) -> bool:
+    def reads_expected_logit(self) -> bool:
         """Whether the loss reads ``S`` (the entropy term)."""
         return self.entropy_weights is not None
 
     @property
-    def uses_weighted_logit_sum(self) -> bool:
+    def reads_weighted_logit_sum(self) -> bool:
         """Whether the loss reads ``Z`` (label smoothing)."""
         return self.label_smoothing > 0
 
 
-def token_losses(stats: Stats, y: Tensor, opts: LossOptions) -> Tensor:
+def token_losses(stats: RowStats, y: Tensor, terms: TokenTerms) -> Tensor:
     """``l_i`` for every token, ``[N]``; ``y`` is ``[N]`` with ``-1`` for ignored tokens."""
     lse, zy, S, Z = stats.lse, stats.target_logit, stats.expected_logit, stats.weighted_logit_sum
     valid = y >= 0
     u = zy - lse
-    eps = opts.label_smoothing
-    w = opts.class_weights
+    eps = terms.label_smoothing
+    w = terms.class_weights
     ce = -u if w is None else -u * w[y.clamp_min(0)]
     if eps > 0:
-        w_sum = opts.vocab_size if w is None else w.sum()
-        ce = (1 - eps) * ce + (eps / opts.vocab_size) * (lse * w_sum - Z)
-    if opts.token_weights is not None:
-        ce = ce * opts.token_weights
-    if opts.dft:
+        w_sum = terms.vocab_size if w is None else w.sum()
+        ce = (1 - eps) * ce + (eps / terms.vocab_size) * (lse * w_sum - Z)
+    if terms.token_weights is not None:
+        ce = ce * terms.token_weights
+    if terms.dft:
         ce = ce * u.detach().exp()
     loss = ce
-    if opts.z_loss:
-        loss = loss + opts.z_loss * lse.square()
-    if opts.entropy_weights is not None:
-        loss = loss - opts.entropy_weights * (lse - S)
+    if terms.z_loss:
+        loss = loss + terms.z_loss * lse.square()
+    if terms.entropy_weights is not None:
+        loss = loss - terms.entropy_weights * (lse - S)
     return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
 
 
-def contributing(y: Tensor, opts: LossOptions) -> Tensor:
+def contributing(y: Tensor, terms: TokenTerms) -> Tensor:
     """Bool ``[N]``: the tokens whose ``l_i`` is not identically zero, i.e. not ignored and with
     a cross-entropy weight (``a_i``, or ``w_{y_i}`` without label smoothing), an entropy
     weight ``e_i`` or the z-loss. The others have no loss and no gradient."""
     valid = y >= 0
-    if opts.z_loss:
+    if terms.z_loss:
         return valid
     ce = valid
-    if opts.token_weights is not None:
-        ce = ce & (opts.token_weights != 0)
-    if opts.class_weights is not None and opts.label_smoothing == 0:
-        ce = ce & (opts.class_weights[y.clamp_min(0)] != 0)
-    ew = opts.entropy_weights
+    if terms.token_weights is not None:
+        ce = ce & (terms.token_weights != 0)
+    if terms.class_weights is not None and terms.label_smoothing == 0:
+        ce = ce & (terms.class_weights[y.clamp_min(0)] != 0)
+    ew = terms.entropy_weights
     if ew is None or (not isinstance(ew, Tensor) and ew == 0):
         return ce
     return ce | (valid & (torch.as_tensor(ew, device=y.device) != 0))
 
 
-def weight_sum(y: Tensor, opts: LossOptions, dtype=torch.float32) -> Tensor:
+def weight_sum(y: Tensor, terms: TokenTerms, dtype=torch.float32) -> Tensor:
     """``sum_i a_i w_{y_i}`` over non-ignored tokens (their count without weights), in ``dtype``."""
     per_token = (y >= 0).to(dtype)
-    if opts.class_weights is not None:
-        per_token = per_token * opts.class_weights[y.clamp_min(0)].to(dtype)
-    if opts.token_weights is not None:
-        per_token = per_token * opts.token_weights.to(dtype)
+    if terms.class_weights is not None:
+        per_token = per_token * terms.class_weights[y.clamp_min(0)].to(dtype)
+    if terms.token_weights is not None:
+        per_token = per_token * terms.token_weights.to(dtype)
     return per_token.sum()
 
 
-def denominator(y: Tensor, opts: LossOptions, normalizer=None, dtype=torch.float32) -> Tensor:
+def denominator(y: Tensor, terms: TokenTerms, normalizer=None, dtype=torch.float32) -> Tensor:
     """The ``"mean"`` reduction's divisor in ``dtype``: :func:`weight_sum`, or ``normalizer``;
     1 where that is 0, so an all-ignored batch gives loss 0, not NaN."""
     if normalizer is not None:
         return torch.as_tensor(normalizer, dtype=dtype, device=y.device).reshape(())
-    return nonzero(weight_sum(y, opts, dtype))
+    return nonzero(weight_sum(y, terms, dtype))
 
 
 def nonzero(total: Tensor) -> Tensor:
@@ -124,23 +126,3 @@ def reduce(losses: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
         return losses
     total = losses.sum()
     return total if reduction == "sum" else total / denom.to(total.dtype)
-
-
-def block_loss_fn(y: Tensor, opts: LossOptions, scale: Tensor, with_grads: bool = True):
-    """A :data:`~sftkey.backends.base.BlockLoss` for ``sum_i l_i / scale``: a backend calls it on
-    each block of rows' statistics and gets the block's loss and its upstream gradients (all
-    None without ``with_grads``: the loss alone, e.g. under ``torch.inference_mode``)."""
-
-    def block_loss(rows: slice, stats: Stats):
-        if not with_grads:
-            loss = token_losses(stats, y[rows], opts.rows(rows)).sum() / scale.to(stats.lse.dtype)
-            return loss, StatGrads(None, None, None, None)
-        with torch.enable_grad():
-            leaves = [None if s is None else s.detach().requires_grad_() for s in stats[:4]]
-            part = Stats(*leaves, stats.argmax, stats.topk)
-            loss = token_losses(part, y[rows], opts.rows(rows)).sum() / scale.to(leaves[0].dtype)
-            used = [s for s in leaves if s is not None]
-            grads = iter(torch.autograd.grad(loss, used, allow_unused=True))
-        return loss.detach(), StatGrads(*(None if s is None else next(grads) for s in leaves))
-
-    return block_loss

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .api import LogitStats
+from .results import LogitStats
 from .loss import nonzero
 from .loss import reduce as reduce_losses
 

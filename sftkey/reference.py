@@ -1,85 +1,101 @@
-"""The oracle: materializes the logits in float32 (float64 for float64 inputs) and computes
-the loss with ``torch.log_softmax``, independently of :mod:`sftkey.loss` and the backends.
-Same signatures as :func:`sftkey.linear_cross_entropy` and :func:`sftkey.logit_stats`;
-memory is ``O(N V)``, so use it on small shapes."""
+"""The oracle: the contract written directly in PyTorch, materializing the ``N x V`` logits in
+float32 (float64 for float64 inputs). It shares nothing with the code it checks but the
+result types: its own shift, flattening, weighting and reduction, ``torch.log_softmax`` for
+the probabilities. Same signatures as :func:`sftkey.linear_cross_entropy` and
+:func:`sftkey.logit_stats`; memory is ``O(N V)``, so use it on small shapes. It does not
+validate its arguments (the public functions do, before they call it)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .api import LossStats, LogitStats, Prepared, prepare, shape_stats
-from .backends.base import Stats
+from .results import LogitStats, LossStats
 
 
-def logits(p: Prepared) -> Tensor:
-    """``[N, V]`` logits ``x w^T + b`` in the accumulation dtype, soft-capped."""
-    z = p.x.to(p.acc) @ p.w.to(p.acc).t()
-    if p.b is not None:
-        z = z + p.b.to(p.acc)
-    if p.softcap is not None:
-        z = p.softcap * torch.tanh(z / p.softcap)
+def _shifted(t: Tensor, fill) -> Tensor:
+    return torch.cat([t[..., 1:], torch.full_like(t[..., :1], fill)], dim=-1)
+
+
+def _logits(hidden, weight, bias, softcap):
+    """``[N, V]`` logits in the accumulation dtype, cast first as ``F.linear`` would under autocast."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64:
+        cast = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type, enabled=False):
+        z = hidden.reshape(-1, hidden.shape[-1]).to(acc) @ weight.to(acc).t()
+        if bias is not None:
+            z = z + bias.to(acc)
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
     return z
 
 
-def linear_cross_entropy(hidden, weight, targets, *, return_stats=False, backend="reference", **options):
-    """Materializing :func:`sftkey.linear_cross_entropy` (``backend`` is ignored)."""
-    reduction = options.get("reduction", "mean")
-    normalizer = options.get("normalizer")
-    p = prepare(hidden, weight, targets, **options)
-    o = p.opts
-    with p.autocast_off():
-        z = logits(p)
-        logp = torch.log_softmax(z, dim=-1)
-        prob = logp.exp()
-        valid = p.y >= 0
-        y = p.y.clamp_min(0)
-        V = z.shape[-1]
-        w = torch.ones(V, dtype=z.dtype, device=z.device) if o.class_weights is None else o.class_weights.to(z.dtype)
-        nll = -logp.gather(1, y[:, None]).squeeze(1) * w[y]
-        smooth = -(logp * w).sum(-1) / V
-        ce = (1 - o.label_smoothing) * nll + o.label_smoothing * smooth
-        if o.token_weights is not None:
-            ce = ce * o.token_weights
-        if o.dft:
-            ce = ce * prob.gather(1, y[:, None]).squeeze(1).detach()
-        lse = torch.logsumexp(z, dim=-1)
-        entropy = torch.special.entr(prob).sum(-1)
-        loss = ce + o.z_loss * lse ** 2
-        if o.entropy_weights is not None:
-            loss = loss - o.entropy_weights * entropy
-        loss = loss * valid
-        if reduction == "none":
-            out = loss.reshape(p.shape)
-        elif reduction == "sum":
-            out = loss.sum()
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, token_weights=None, entropy_weights=None,
+                         class_weights=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                         dft=False, reduction="mean", normalizer=None, shift=False, return_stats=False,
+                         backend="reference", filter_eps=None):
+    """Materializing :func:`sftkey.linear_cross_entropy` (``backend`` and ``filter_eps`` are ignored)."""
+    if shift:
+        targets = _shifted(targets, ignore_index)
+        token_weights = None if token_weights is None else _shifted(token_weights, 0)
+        if isinstance(entropy_weights, Tensor) and entropy_weights.dim():
+            entropy_weights = _shifted(entropy_weights, 0)
+    shape = targets.shape
+    z = _logits(hidden, weight, bias, softcap)
+    dtype = z.dtype
+
+    def per_token(t):
+        return t if not isinstance(t, Tensor) or t.dim() == 0 else t.reshape(-1).to(dtype)
+
+    y = targets.reshape(-1)
+    valid = y != ignore_index
+    yc = torch.where(valid, y, 0).long()
+    V = z.shape[-1]
+    w = torch.ones(V, dtype=dtype, device=z.device) if class_weights is None else class_weights.to(dtype)
+    a = torch.ones_like(z[:, 0]) if token_weights is None else per_token(token_weights)
+    logp = torch.log_softmax(z, dim=-1)
+    prob = logp.exp()
+    logp_y = logp.gather(1, yc[:, None]).squeeze(1)
+    ce = (1 - label_smoothing) * -logp_y * w[yc] + label_smoothing * -(logp * w).sum(-1) / V
+    ce = ce * a
+    if dft:
+        ce = ce * logp_y.exp().detach()
+    lse = torch.logsumexp(z, dim=-1)
+    entropy = torch.special.entr(prob).sum(-1)
+    loss = ce + z_loss * lse ** 2
+    if entropy_weights is not None:
+        loss = loss - per_token(entropy_weights) * entropy
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        out = loss.reshape(shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        if normalizer is None:
+            denom = (a * w[yc] * valid).sum()
+            denom = torch.where(denom == 0, torch.ones_like(denom), denom)
         else:
-            if normalizer is not None:
-                denom = torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device).reshape(())
-            else:
-                a = torch.ones_like(loss) if o.token_weights is None else o.token_weights
-                denom = (a * w[y] * valid).sum()
-                denom = torch.where(denom == 0, torch.ones_like(denom), denom)
-            out = loss.sum() / denom
+            denom = torch.as_tensor(normalizer, dtype=dtype, device=z.device).reshape(())
+        out = loss.sum() / denom
     if not return_stats:
         return out
-    logp_y = torch.where(valid, logp.gather(1, y[:, None]).squeeze(1), torch.zeros_like(lse)).detach()
-    correct = (z.argmax(-1) == p.y) & valid
-    stats = LossStats(*(t.reshape(p.shape) for t in (lse.detach(), entropy.detach(), logp_y, correct)))
-    return out, stats
+    logp_y = torch.where(valid, logp_y, torch.zeros_like(logp_y)).detach()
+    correct = (z.argmax(-1) == y) & valid
+    return out, LossStats(*(t.reshape(shape) for t in (lse.detach(), entropy.detach(), logp_y, correct)))
 
 
-def logit_stats(hidden, weight, targets, *, bias=None, class_weights=None, softcap=None,
-                ignore_index=-100, topk=0, backend="reference", filter_eps=None) -> LogitStats:
+def logit_stats(hidden, weight, targets, *, bias=None, class_weights=None, softcap=None, ignore_index=-100,
+                topk=0, backend="reference", filter_eps=None) -> LogitStats:
     """Materializing :func:`sftkey.logit_stats` (``backend`` and ``filter_eps`` are ignored)."""
-    p = prepare(hidden, weight, targets, bias=bias, class_weights=class_weights, softcap=softcap,
-                ignore_index=ignore_index, topk=topk)
-    with p.autocast_off():
-        z = logits(p)
-        valid = p.y >= 0
-        lse = torch.logsumexp(z, dim=-1)
-        prob = torch.softmax(z, dim=-1)
-        zy = z.gather(1, p.y.clamp_min(0)[:, None]).squeeze(1) * valid
-        c = torch.ones_like(z[0]) if p.c is None else p.c.to(z.dtype)
-        top = z.topk(topk, dim=-1).values.detach() if topk else None
-        stats = Stats(lse, zy, (prob * z).sum(-1), z @ c, z.argmax(-1), top)
-    return shape_stats(stats, p)
+    shape = targets.shape
+    z = _logits(hidden, weight, bias, softcap)
+    y = targets.reshape(-1)
+    valid = y != ignore_index
+    c = torch.ones_like(z[0]) if class_weights is None else class_weights.to(z.dtype)
+    zy = z.gather(1, torch.where(valid, y, 0).long()[:, None]).squeeze(1) * valid
+    top = z.topk(topk, dim=-1).values.detach().reshape(*shape, topk) if topk else None
+    stats = (torch.logsumexp(z, dim=-1), zy, (torch.softmax(z, dim=-1) * z).sum(-1), z @ c, z.argmax(-1))
+    return LogitStats(*(t.reshape(shape) for t in stats), top, valid.reshape(shape))

@@ -49,7 +49,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
-from .api import flat_targets
+from .inputs import flat_targets
 from .integrations.transformers import is_patched, use_fused_loss
 
 __all__ = ["FusedLossMixin", "SFTKeyTrainer", "Stage"]

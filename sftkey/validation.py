@@ -7,7 +7,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from .backends import BACKEND_NAMES
+from .backends import BACKEND_NAMES, Backend
+from .backends.base import MAX_TOPK
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -89,9 +90,6 @@ def check_head(hidden, weight, targets, bias, *, autocast: bool) -> None:
             raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype outside torch.autocast")
 
 
-MAX_TOPK = 8
-
-
 def check_topk(topk, vocab_size: int) -> None:
     """``topk`` is an int in ``[0, min(8, V)]``."""
     if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
@@ -108,54 +106,68 @@ def check_targets_range(targets: Tensor, vocab_size: int, ignore_index: int) -> 
         raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {value}")
 
 
-def check_options(targets: Tensor, vocab_size: int, *, token_weights, entropy_weights, class_weights,
-                  ignore_index, label_smoothing, z_loss, softcap, dft, reduction, normalizer, shift,
-                  backend, filter_eps, topk=0) -> None:
-    """Every loss option, against ``targets [...]`` and the vocabulary size."""
-    device = targets.device
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if token_weights is not None:
-        token_weights = _tensor("token_weights", token_weights)
-        _floating("token_weights", token_weights)
-        _shaped("token_weights", token_weights, targets.shape, "the shape of targets")
-        _same_device("token_weights", token_weights, device)
-    if entropy_weights is not None and not isinstance(entropy_weights, numbers.Real):
-        entropy_weights = _tensor("entropy_weights", entropy_weights)
-        _floating("entropy_weights", entropy_weights)
-        if entropy_weights.dim() != 0:
-            _shaped("entropy_weights", entropy_weights, targets.shape, "the shape of targets, or a scalar")
-        _same_device("entropy_weights", entropy_weights, device)
-    elif entropy_weights is not None:
-        _number("entropy_weights", entropy_weights)
-    if class_weights is not None:
-        class_weights = _tensor("class_weights", class_weights)
-        _floating("class_weights", class_weights)
-        _shaped("class_weights", class_weights, torch.Size([vocab_size]), "[V]")
-        _same_device("class_weights", class_weights, device)
-    _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    _number("z_loss", z_loss, low=0.0)
-    if softcap is not None:
-        _number("softcap", softcap, low=0.0, low_open=True)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if normalizer is not None:
-        if isinstance(normalizer, Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
-            value = float(normalizer)
+def check_head_options(opts) -> None:
+    """The options of a :class:`~sftkey.options.HeadOptions` (the types of its tensors; their
+    shapes in :func:`check_head_tensors`)."""
+    if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(opts.ignore_index).__name__}")
+    if opts.class_weights is not None:
+        _floating("class_weights", _tensor("class_weights", opts.class_weights))
+    if opts.softcap is not None:
+        _number("softcap", opts.softcap, low=0.0, low_open=True)
+    if isinstance(opts.backend, str):
+        if opts.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES} or a Backend, got {opts.backend!r}")
+    elif not isinstance(opts.backend, Backend):
+        raise TypeError(f"backend must be a name or a sftkey Backend, got {type(opts.backend).__name__}")
+    if opts.filter_eps is not None:
+        _number("filter_eps", opts.filter_eps, low=0.0)
+
+
+def check_loss_options(opts) -> None:
+    """The options a :class:`~sftkey.options.LossOptions` adds (shapes in :func:`check_loss_tensors`)."""
+    if opts.token_weights is not None:
+        _floating("token_weights", _tensor("token_weights", opts.token_weights))
+    ew = opts.entropy_weights
+    if ew is not None and not isinstance(ew, numbers.Real):
+        _floating("entropy_weights", _tensor("entropy_weights", ew))
+    elif ew is not None:
+        _number("entropy_weights", ew)
+    _number("label_smoothing", opts.label_smoothing, low=0.0, high=1.0)
+    _number("z_loss", opts.z_loss, low=0.0)
+    if opts.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
+    if opts.normalizer is not None:
+        if isinstance(opts.normalizer, Tensor):
+            if opts.normalizer.numel() != 1:
+                raise ValueError(f"normalizer must be a scalar, got shape {tuple(opts.normalizer.shape)}")
+            value = float(opts.normalizer)
         else:
-            value = _number("normalizer", normalizer)
+            value = _number("normalizer", opts.normalizer)
         if not value > 0:
             raise ValueError(f"normalizer must be > 0, got {value}")
-    if not isinstance(dft, bool):
-        raise TypeError(f"dft must be a bool, got {type(dft).__name__}")
-    if not isinstance(shift, bool):
-        raise TypeError(f"shift must be a bool, got {type(shift).__name__}")
-    if shift and targets.dim() < 1:
+    for name in ("dft", "shift", "return_stats"):
+        if not isinstance(getattr(opts, name), bool):
+            raise TypeError(f"{name} must be a bool, got {type(getattr(opts, name)).__name__}")
+
+
+def check_head_tensors(opts, targets: Tensor, vocab_size: int) -> None:
+    """``class_weights`` is ``[V]`` on the targets' device."""
+    if opts.class_weights is not None:
+        _shaped("class_weights", opts.class_weights, torch.Size([vocab_size]), "[V]")
+        _same_device("class_weights", opts.class_weights, targets.device)
+
+
+def check_loss_tensors(opts, targets: Tensor) -> None:
+    """The per-token options are shaped like ``targets [...]`` (``entropy_weights``: or a
+    scalar) on its device; ``shift`` has a sequence dimension to shift along."""
+    if opts.token_weights is not None:
+        _shaped("token_weights", opts.token_weights, targets.shape, "the shape of targets")
+        _same_device("token_weights", opts.token_weights, targets.device)
+    ew = opts.entropy_weights
+    if isinstance(ew, Tensor):
+        if ew.dim() != 0:
+            _shaped("entropy_weights", ew, targets.shape, "the shape of targets, or a scalar")
+        _same_device("entropy_weights", ew, targets.device)
+    if opts.shift and targets.dim() < 1:
         raise ValueError("shift=True needs targets with a sequence dimension, got a 0-d tensor")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    if filter_eps is not None:
-        _number("filter_eps", filter_eps, low=0.0)
-    check_topk(topk, vocab_size)

@@ -1,4 +1,5 @@
-"""Shared test set-up: which backends run, tolerances per dtype (stated once), input factories.
+"""Shared test set-up: which backends run, input factories; the tolerances per dtype are
+:mod:`sftkey.testing`'s (stated once, for the tests and the benchmark).
 
 Without a GPU the Triton backend runs under the interpreter, which must be switched on
 before ``triton`` is first imported; that happens here."""
@@ -11,16 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sftkey.backends import triton_usable  # noqa: E402
+from sftkey.testing import TOLERANCE, assert_close, rel_err  # noqa: E402,F401  (the tests import them from here)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-#: Relative error ||got - want|| / ||want|| allowed against the float64 reference, per input dtype.
-TOLERANCE = {
-    torch.float64: 1e-9,
-    torch.float32: 2e-5,
-    torch.float16: 1e-2,
-    torch.bfloat16: 3e-2,
-}
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -31,20 +25,6 @@ def backends():
     if triton_usable(DEVICE):
         names.append("triton")
     return names
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    scale = want.norm().item()
-    diff = (got - want).norm().item()
-    return diff / scale if scale > 0 else diff
-
-
-def assert_close(got, want, dtype, what=""):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got.double()).all(), f"{what}: non-finite values"
-    err = rel_err(got, want)
-    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:.1g} ({dtype})"
 
 
 def make_head(n, d, v, dtype, *, seed, bias=False, device=DEVICE, ignore_frac=0.2, lead=None):

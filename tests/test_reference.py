@@ -1,7 +1,7 @@
 """The oracle, ``sftkey.reference.linear_cross_entropy``, held to independent definitions in
 float64: ``torch.nn.functional.cross_entropy`` on materialized logits for every option torch
 has, and, for the terms torch lacks (entropy, z-loss, DFT, token weights, ``normalizer``,
-softcap), autograd of DESIGN.md's formula written out here on materialized logits.
+softcap), autograd of docs/design.md's formula written out here on materialized logits.
 Loss and the gradients of hidden, weight and bias."""
 import math
 
@@ -125,7 +125,7 @@ def test_all_ignored(reduction, opts):
 
 def formula(h, w, b, y, *, ignore_index=-100, class_weights=None, label_smoothing=0.0, token_weights=None,
             entropy_weights=None, z_loss=0.0, dft=False, softcap=None, reduction="mean", normalizer=None):
-    """DESIGN.md's per-token loss on materialized logits, reduced; independent of sftkey."""
+    """docs/design.md's per-token loss on materialized logits, reduced; independent of sftkey."""
     z = _logits(h, w, b, softcap)
     n_class = z.shape[-1]
     logp = torch.log_softmax(z, dim=-1)

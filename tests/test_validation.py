@@ -2,9 +2,10 @@
 argument (and, where the contract says so, what was expected).
 
 The same case runs through every entry point that takes the argument: the functional
-``linear_cross_entropy`` (torch backend and the ``"reference"`` oracle), the
-``LinearCrossEntropyLoss`` module and, for the head tensors, ``logit_stats``. Validation
-happens before dispatch, so no backend kernel runs here."""
+``linear_cross_entropy`` (torch backend and ``backend="reference"``; keyword options and an
+``options=LossOptions(...)`` object), the ``LinearCrossEntropyLoss`` module and, for the head tensors, ``logit_stats``. Validation
+happens before dispatch, so no backend kernel runs here. (The oracle's own module,
+``sftkey.reference``, shares no code with the checks and does not validate.)"""
 import math
 
 import pytest
@@ -38,8 +39,11 @@ def _lce_reference(hidden, weight, targets, **kw):
     return sftkey.linear_cross_entropy(hidden, weight, targets, backend="reference", **kw)
 
 
-def _reference_module(hidden, weight, targets, **kw):
-    return sftkey.reference.linear_cross_entropy(hidden, weight, targets, **kw)
+def _options_object(hidden, weight, targets, bias=None, **kw):
+    kw.setdefault("backend", "torch")
+    # Construction and call both inside the caller's pytest.raises: the object checks its
+    # options, the call checks them against the tensors.
+    return sftkey.linear_cross_entropy(hidden, weight, targets, bias=bias, options=sftkey.LossOptions(**kw))
 
 
 def _module(hidden, weight, targets, **kw):
@@ -60,8 +64,7 @@ def _stats_reference(hidden, weight, targets, **kw):
     return sftkey.logit_stats(hidden, weight, targets, backend="reference", **kw)
 
 
-LOSS_CALLS = {"lce": _lce_torch, "lce_reference": _lce_reference,
-              "reference.lce": _reference_module, "module": _module}
+LOSS_CALLS = {"lce": _lce_torch, "lce_reference": _lce_reference, "options": _options_object, "module": _module}
 STATS_CALLS = {"logit_stats": _stats_torch, "logit_stats_reference": _stats_reference}
 ALL_CALLS = {**LOSS_CALLS, **STATS_CALLS}
 
@@ -244,7 +247,7 @@ def test_class_weights(call, case):
         ALL_CALLS[call](**_inputs(7), class_weights=value)
 
 
-@pytest.mark.parametrize("call", ["lce", "lce_reference", "reference.lce"])
+@pytest.mark.parametrize("call", ["lce", "lce_reference"])
 def test_class_weights_list(call):
     with pytest.raises(TypeError, match="class_weights"):
         LOSS_CALLS[call](**_inputs(7), class_weights=[1.0] * V)

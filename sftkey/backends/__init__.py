@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
+from typing import Union
 
 import torch
 
-from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats
+from .base import Backend
 
 _REGISTRY = {
     "torch": "sftkey.backends.torch:TorchBackend",
@@ -22,16 +23,19 @@ def _load(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-def get_backend(name: str, device: torch.device) -> Backend:
-    """The backend called ``name`` ("auto": triton where it can run on ``device``, else torch)."""
-    if name == "auto":
-        if device.type == "cuda" and triton_usable(device):
-            return _load("triton")
-        return _load("torch")
-    backend = _load(name)
-    if not backend.available(device):
+def get_backend(backend: Union[str, Backend], device: torch.device) -> Backend:
+    """The backend called ``backend`` ("auto": triton where it can run on ``device``, else
+    torch), or ``backend`` itself when it is an instance; a ``ValueError`` where it cannot run
+    on ``device``."""
+    if isinstance(backend, Backend):
+        chosen, name = backend, backend.name
+    elif backend == "auto":
+        return _load("triton") if device.type == "cuda" and triton_usable(device) else _load("torch")
+    else:
+        chosen, name = _load(backend), backend
+    if not chosen.available(device):
         raise ValueError(f"backend={name!r} cannot run on device {device}")
-    return backend
+    return chosen
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -41,4 +45,4 @@ def triton_usable(device: torch.device) -> bool:
         return False
 
 
-__all__ = ["Backend", "BlockLoss", "Head", "Needs", "StatGrads", "Stats", "get_backend", "BACKEND_NAMES"]
+__all__ = ["Backend", "BACKEND_NAMES", "get_backend", "triton_usable"]

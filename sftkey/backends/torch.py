@@ -23,7 +23,7 @@ a bf16/fp16 W, none for float32, where ``addmm_`` adds in place) is read and wri
 pair sized to stay in cache. Where all rows fit in one group within the budget plus that
 buffer's ``4VD`` bytes, they make one group instead: its ``dW`` is a single product (summed
 in float32 inside the matrix product), so the buffer is not needed and the products are as
-large as they can be. The math of ``dz`` is DESIGN.md's: the one-hot term is a scatter, the
+large as they can be. The math of ``dz`` is docs/design.md's: the one-hot term is a scatter, the
 class-weight term an in-place rank-one update of the block.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import config
-from .base import Backend, BlockLoss, Head, Needs, StatGrads, Stats, accumulation_dtype
+from .base import Backend, BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, StatGrads, accumulation_dtype
 from . import products
 from .products import product_dtype
 
@@ -52,15 +52,16 @@ def _rows(budget: int, bytes_per_row: int, n: int) -> int:
 class _Workspace:
     """The buffers of one call, sized once and reused for every group and block of rows.
     ``two_buffers``: keep the logits beside ``exp(z - m)`` (needed for ``S`` and its gradient);
-    ``dw``: a bf16/fp16 ``dW`` is formed, so one group may use the float32 buffer's memory;
-    ``rows``: the rows of ``x`` the targets refer to (None: all), gathered group by group.
+    ``dw``: a bf16/fp16 ``dW`` is formed, so one group may use the float32 buffer's memory.
+    The head's ``rows`` (the rows of ``x`` that are its tokens) are gathered group by group.
+    A *group* and a *block* are slices of the head's tokens.
 
     The products are formed in ``product_dtype`` (:mod:`.products`): the inputs' dtype, or
     float32 from bf16/fp16 inputs where their products are not native (``upcast``); then
     ``out`` is float32, the hidden states of a group are up-cast into ``x32`` and ``W`` slice by
     slice into ``w32``."""
 
-    def __init__(self, head: Head, two_buffers: bool, dw: bool = False, rows: Optional[Tensor] = None):
+    def __init__(self, head: Head, two_buffers: bool, dw: bool = False):
         x, w = head.x, head.w
         n, (V, D) = head.y.shape[0], w.shape
         self.acc = accumulation_dtype(x.dtype)
@@ -79,8 +80,8 @@ class _Workspace:
         self.b = None if head.b is None else head.b.to(self.acc)
         self.c = None if head.c is None else head.c.to(self.acc)
         self.softcap = head.softcap
-        self.rows = rows
-        self.xg = None if rows is None else x.new_empty(self.group_rows, D)
+        self.rows = head.rows
+        self.xg = None if head.rows is None else x.new_empty(self.group_rows, D)
         if self.upcast:
             self.x32 = torch.empty(self.group_rows, D, **kw)
             self.w32 = torch.empty(min(V, max(_ROW_ALIGN, _UPCAST_BYTES // (D * 4))), D, **kw)
@@ -90,7 +91,7 @@ class _Workspace:
             yield slice(start, min(start + self.group_rows, n))
 
     def hidden(self, head: Head, group: slice) -> Tensor:
-        """The hidden states of a group's rows: a view of ``x``, or gathered from ``rows``."""
+        """The hidden states of a group's tokens: a view of ``x``, or gathered from its ``rows``."""
         if self.rows is None:
             return head.x[group]
         return torch.index_select(head.x, 0, self.rows[group], out=self.xg[: group.stop - group.start])
@@ -119,9 +120,9 @@ class _Workspace:
             cols = slice(start, min(start + step, w.shape[0]))
             yield cols, self.w32[: cols.stop - cols.start].copy_(w[cols])
 
-    def logits(self, group: slice, rows: slice):
+    def logits(self, group: slice, block: slice):
         """A block's logits ``z`` (and ``f`` under softcap) from its rows ``o`` of ``out``."""
-        o = self.out[rows.start - group.start: rows.stop - group.start]
+        o = self.out[block.start - group.start: block.stop - group.start]
         z = o if self.z is None else self.z[: o.shape[0]].copy_(o)
         if self.b is not None:
             z.add_(self.b)
@@ -139,26 +140,25 @@ class _Workspace:
             return z.sub_(shift[:, None]).exp_()
         return torch.sub(z, shift[:, None], out=self.p[: z.shape[0]]).exp_()
 
-    def stats(self, head: Head, rows: slice, z: Tensor, topk: int, want_s: bool, want_z: bool,
-              want_argmax: bool = True):
-        """Statistics of a block's logits (``S``, ``Z``, ``argmax`` None where not wanted: the
+    def stats(self, head: Head, block: slice, z: Tensor, topk: int, reads: Reads = Reads()):
+        """Statistics of a block's logits (``S``, ``Z``, ``argmax`` None where not read: the
         max alone is a third of the cost of the max with its index). Returns ``(stats, e,
         sum_exp)`` with ``e = exp(z - m)``, which overwrites ``z`` where there is no second buffer."""
-        y = head.y[rows]
-        m, argmax = z.max(dim=1) if want_argmax else (z.amax(dim=1), None)
+        y = head.y[block]
+        m, argmax = z.max(dim=1) if reads.argmax else (z.amax(dim=1), None)
         zy = z.gather(1, y.clamp_min(0)[:, None]).view(-1) * (y >= 0)
         Z = None
-        if want_z:
+        if reads.weighted_logit_sum:
             Z = z.sum(dim=1) if self.c is None else z @ self.c
         top = z.topk(topk, dim=1).values if topk else None
         e = self.exp_shifted(z, m)
         sum_exp = e.sum(dim=1)
-        S = torch.linalg.vecdot(e, z) / sum_exp if want_s else None  # 6x faster than bmm here
-        return Stats(m + sum_exp.log(), zy, S, Z, argmax, top), e, sum_exp
+        S = torch.linalg.vecdot(e, z) / sum_exp if reads.expected_logit else None  # 6x faster than bmm here
+        return RowStats(m + sum_exp.log(), zy, S, Z, argmax, top), e, sum_exp
 
-    def dz(self, head: Head, rows: slice, z: Tensor, e: Tensor, f: Optional[Tensor],
+    def dz(self, head: Head, block: slice, z: Tensor, e: Tensor, f: Optional[Tensor],
            S: Optional[Tensor], grads: StatGrads, inv: Optional[Tensor] = None) -> Tensor:
-        """``dz`` of a block (DESIGN.md) in place of ``z`` or ``e``, where ``p = e * inv``
+        """``dz`` of a block (docs/design.md) in place of ``z`` or ``e``, where ``p = e * inv``
         (``inv`` None: ``e`` is ``p``)."""
         g_lse, g_zy, g_S, g_Z = grads
         k_lse, k_S = (g if g is None or inv is None else g * inv for g in (g_lse, g_S))
@@ -177,7 +177,7 @@ class _Workspace:
             else:
                 dz.addr_(g_Z, self.c)
         if g_zy is not None:
-            y = head.y[rows]
+            y = head.y[block]
             dz.scatter_add_(1, y.clamp_min(0)[:, None], (g_zy * (y >= 0))[:, None])
         if f is not None:
             dz.mul_(f)
@@ -289,52 +289,45 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def forward(self, head: Head, topk: int = 0) -> Stats:
+    def forward(self, head: Head, topk: int = 0) -> RowStats:
         ws = _Workspace(head, two_buffers=True)
         parts = []
         for group in ws.groups(head.y.shape[0]):
             ws.products(head, group)
-            for rows in ws.blocks(group):
-                z, _, _ = ws.logits(group, rows)
-                parts.append(ws.stats(head, rows, z, topk, want_s=True, want_z=True)[0])
-        return _concat(parts)
+            for block in ws.blocks(group):
+                z, _, _ = ws.logits(group, block)
+                parts.append(ws.stats(head, block, z, topk)[0])
+        return RowStats.cat(parts)
 
-    def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs,
+    def backward(self, head: Head, stats: RowStats, grads: StatGrads, needs: Needs,
                  filter_eps: Optional[float] = None):
         ws = _Workspace(head, two_buffers=grads.expected_logit is not None, dw=needs.dw)
         out = _Gradients(head, needs, ws)
         for group in ws.groups(head.y.shape[0]):
             x = ws.products(head, group)
-            for rows in ws.blocks(group):
-                z, f, o = ws.logits(group, rows)
-                p = ws.exp_shifted(z, stats.lse[rows])
-                g = StatGrads(*(None if t is None else t[rows] for t in grads))
-                _keep(o, ws.dz(head, rows, z, p, f, stats.expected_logit[rows], g))
+            for block in ws.blocks(group):
+                z, f, o = ws.logits(group, block)
+                p = ws.exp_shifted(z, stats.lse[block])
+                g = StatGrads(*(None if t is None else t[block] for t in grads))
+                _keep(o, ws.dz(head, block, z, p, f, stats.expected_logit[block], g))
             out.add(group, ws.out[: group.stop - group.start], x)
         return out.result()
 
-    def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, topk: int = 0,
-                    filter_eps: Optional[float] = None, *, expected_logit: bool = True,
-                    weighted_logit_sum: bool = True, argmax: bool = True, rows: Optional[Tensor] = None):
-        ws = _Workspace(head, two_buffers=expected_logit, dw=needs.dw, rows=rows)
+    def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, reads: Reads = Reads(),
+                    filter_eps: Optional[float] = None) -> SinglePassResult:
+        ws = _Workspace(head, two_buffers=reads.expected_logit, dw=needs.dw)
         out = _Gradients(head, needs, ws)
         parts, loss = [], 0
         for group in ws.groups(head.y.shape[0]):
             x = ws.products(head, group)
-            for rows in ws.blocks(group):
-                z, f, o = ws.logits(group, rows)
-                stats, e, sum_exp = ws.stats(head, rows, z, topk, expected_logit, weighted_logit_sum, argmax)
-                block, grads = block_loss(rows, stats)
-                loss = loss + block
+            for block in ws.blocks(group):
+                z, f, o = ws.logits(group, block)
+                stats, e, sum_exp = ws.stats(head, block, z, 0, reads)
+                part = block_loss(block, stats)
+                loss = loss + part.loss
                 if any(needs):
-                    _keep(o, ws.dz(head, rows, z, e, f, stats.expected_logit, grads, inv=sum_exp.reciprocal()))
+                    _keep(o, ws.dz(head, block, z, e, f, stats.expected_logit, part.grads, inv=sum_exp.reciprocal()))
                 parts.append(stats)
             if any(needs):
                 out.add(group, ws.out[: group.stop - group.start], x)
-        return (loss, _concat(parts), *out.result())
-
-
-def _concat(parts) -> Stats:
-    if len(parts) == 1:
-        return parts[0]
-    return Stats(*(None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(len(Stats._fields))))
+        return SinglePassResult(loss, RowStats.cat(parts), *out.result())

@@ -1,6 +1,8 @@
 """The fused Triton backend: launches :mod:`sftkey.kernels` on CUDA, or on the CPU through
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before importing Triton.
 
+A head's ``rows`` are gathered first (the kernels read contiguous rows of X).
+
 Forward: one kernel writes per-split partial statistics (row blocks x vocabulary splits, so
 a small ``N`` still fills the GPU); the host merges splits in ``O(N * splits)``.
 Backward: one kernel over logits tiles adds the dense ``p``-proportional part of ``dz`` into
@@ -20,8 +22,7 @@ from sftkey.kernels.backward import backward_kernel
 from sftkey.kernels.configs import KernelConfig, default_config
 from sftkey.kernels.forward import forward_kernel
 
-from ..validation import MAX_TOPK
-from .base import Backend, Head, Needs, StatGrads, Stats
+from .base import MAX_TOPK, Backend, Head, Needs, RowStats, StatGrads
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 8192  # rows per chunk of the host-side vector-matrix products
@@ -96,7 +97,8 @@ class TritonBackend(Backend):
             splits = 1
         return max(1, min(splits, num_tiles))
 
-    def forward(self, head: Head, topk: int = 0) -> Stats:
+    def forward(self, head: Head, topk: int = 0) -> RowStats:
+        head = head.gathered()
         _check(head)
         x, w, b, y, c = head.x, head.w, head.b, head.y, head.c
         (n, d), v = x.shape, w.shape[0]
@@ -105,20 +107,20 @@ class TritonBackend(Backend):
         f32 = dict(dtype=torch.float32, device=x.device)
         if n == 0:
             empty = torch.empty(0, **f32)
-            return Stats(empty, empty, empty, empty, torch.empty(0, dtype=torch.int64, device=x.device),
-                         torch.empty(0, topk, **f32) if topk else None)
+            return RowStats(empty, empty, empty, empty, torch.empty(0, dtype=torch.int64, device=x.device),
+                            torch.empty(0, topk, **f32) if topk else None)
         cfg = self.forward_config or default_config("forward", x.dtype)
         num_n, num_tiles = _cdiv(n, cfg.block_n), _cdiv(v, cfg.block_v)
         tiles_per_split = _cdiv(num_tiles, self._splits(x, cfg, num_n, num_tiles))
         splits = _cdiv(num_tiles, tiles_per_split)
 
-        m, l, t, zy, zc, amax_v = (torch.empty(splits, n, **f32) for _ in range(6))
+        m, sum_exp, t, zy, wsum, amax_v = (torch.empty(splits, n, **f32) for _ in range(6))
         amax_i = torch.empty(splits, n, dtype=torch.int64, device=x.device)
         top = torch.empty(splits, n, topk, **f32) if topk else m
         cvec = c.float() if c is not None else None
         forward_kernel[(num_n * splits,)](
             x, w, b if b is not None else x, y, cvec if cvec is not None else m,
-            m, l, t, zy, zc, amax_v, amax_i, top,
+            m, sum_exp, t, zy, wsum, amax_v, amax_i, top,
             n, v, d, tiles_per_split, float(head.softcap or 1.0),
             HAS_BIAS=b is not None, HAS_C=c is not None, SOFTCAP=head.softcap is not None,
             TOPK=topk, K_PAD=triton.next_power_of_2(max(topk, 1)), **_launch_args(x, cfg))
@@ -126,16 +128,17 @@ class TritonBackend(Backend):
         # Merge the splits: lse = M + log sum_s l_s e^{m_s - M}, S = sum_s t_s e^{m_s - M} / that sum.
         mx = m.max(0).values
         scale = torch.exp(m - mx)
-        lsum = (l * scale).sum(0)
+        lsum = (sum_exp * scale).sum(0)
         lse = mx + torch.log(lsum)
         s_exp = (t * scale).sum(0) / lsum
         best = amax_v.argmax(0, keepdim=True)  # first split holding the max: first index overall
         argmax = amax_i.gather(0, best).squeeze(0)
         topk_vals = top.permute(1, 0, 2).reshape(n, -1).topk(topk, dim=1).values if topk else None
-        return Stats(lse, zy.sum(0), s_exp, zc.sum(0), argmax, topk_vals)
+        return RowStats(lse, zy.sum(0), s_exp, wsum.sum(0), argmax, topk_vals)
 
-    def backward(self, head: Head, stats: Stats, grads: StatGrads, needs: Needs,
+    def backward(self, head: Head, stats: RowStats, grads: StatGrads, needs: Needs,
                  filter_eps: Optional[float] = None):
+        rows, head = head, head.gathered()
         _check(head)
         x, w, b, y, c, cap = head.x, head.w, head.b, head.y, head.c, head.softcap
         (n, d), v = x.shape, w.shape[0]
@@ -193,6 +196,6 @@ class TritonBackend(Backend):
             if db is not None:
                 db.add_(g_z.sum() if cvec is None else cvec * g_z.sum())
 
-        return (None if dx is None else dx.to(x.dtype),
+        return (rows.scattered(None if dx is None else dx.to(x.dtype)),
                 None if dw is None else dw.to(w.dtype),
                 None if db is None else db.to(b.dtype))

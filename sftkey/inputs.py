@@ -1,0 +1,105 @@
+"""A call's inputs, checked once and flattened to ``N`` tokens: what the passes hand a backend
+(:class:`~sftkey.backends.base.Head`) and the loss (targets and :class:`~sftkey.loss.TokenTerms`).
+
+``shift`` (position ``t`` predicts ``targets[..., t + 1]``) and autocast (``hidden``, ``weight``
+and ``bias`` in the autocast dtype, as ``F.linear`` would use them) are applied here.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import validation
+from .backends.base import Head, accumulation_dtype
+from .loss import TokenTerms
+from .options import HeadOptions, LossOptions
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The inputs of one call. ``head``: what the backend sees; ``y`` ``[N]`` int64 (``-1`` where
+    ignored) and ``terms``: what the loss sees (``head.y`` is ``y`` except on a vocabulary shard);
+    ``shape``: the targets' shape, that per-token outputs take."""
+
+    head: Head
+    y: Tensor
+    terms: TokenTerms
+    options: HeadOptions
+    shape: torch.Size
+
+    @property
+    def acc(self) -> torch.dtype:
+        """The accumulation dtype: float64 for float64 inputs, else float32."""
+        return accumulation_dtype(self.head.x.dtype)
+
+    def autocast_off(self):
+        """Keep an enclosing ``torch.autocast`` from re-casting the backends' products."""
+        device_type = self.head.x.device.type
+        if validation.autocast_enabled(device_type):
+            return torch.autocast(device_type, enabled=False)
+        return contextlib.nullcontext()
+
+
+def shifted(t: Tensor, fill) -> Tensor:
+    """Position ``t`` takes the entry of ``t + 1``; the last position gets ``fill``."""
+    return torch.cat([t[..., 1:], torch.full_like(t[..., :1], fill)], dim=-1)
+
+
+def flat_targets(targets: Tensor, ignore_index: int, shift: bool) -> Tensor:
+    """``targets`` shifted (if ``shift``) and flattened to int64 ``[N]``, ``-1`` where ignored."""
+    if shift:
+        targets = shifted(targets, ignore_index)
+    return torch.where(targets == ignore_index, -1, targets).reshape(-1).long()
+
+
+def flat_weights(weights: Union[Tensor, float, None], shift: bool, dtype: torch.dtype):
+    """Per-token weights indexed like ``targets``, shifted with them and flattened to ``[N]``
+    in ``dtype``; a scalar (tensor or number) or None passes through."""
+    if not isinstance(weights, Tensor) or weights.dim() == 0:
+        return weights.to(dtype) if isinstance(weights, Tensor) else weights
+    return (shifted(weights, 0) if shift else weights).reshape(-1).to(dtype)
+
+
+def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Cast to the autocast dtype exactly as ``F.linear`` would; gradients flow back in the
+    inputs' own dtypes."""
+    device_type = hidden.device.type
+    if not validation.autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def prepare(hidden, weight, targets, bias, options: HeadOptions, *, vocab_size: Optional[int] = None) -> Prepared:
+    """Check every input against ``options``, apply autocast and ``shift``, flatten to ``N`` tokens.
+
+    ``vocab_size``: the vocabulary that ``targets`` and ``class_weights`` index, when
+    ``weight`` holds only a shard of it (:mod:`sftkey.distributed`); default ``weight``'s rows."""
+    autocast = isinstance(hidden, Tensor) and validation.autocast_enabled(hidden.device.type)
+    validation.check_head(hidden, weight, targets, bias, autocast=autocast)
+    V = weight.shape[0] if vocab_size is None else vocab_size
+    options.check_tensors(targets, V)
+    validation.check_targets_range(targets, V, options.ignore_index)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    acc = accumulation_dtype(hidden.dtype)
+    shift = isinstance(options, LossOptions) and options.shift
+    c = None if options.class_weights is None else options.class_weights.to(acc)
+    terms = TokenTerms(vocab_size=V, class_weights=c)
+    if isinstance(options, LossOptions):
+        terms = TokenTerms(
+            vocab_size=V, class_weights=c, token_weights=flat_weights(options.token_weights, shift, acc),
+            entropy_weights=flat_weights(options.entropy_weights, shift, acc),
+            label_smoothing=float(options.label_smoothing), z_loss=float(options.z_loss), dft=options.dft)
+    y = flat_targets(targets, options.ignore_index, shift)
+    head = Head(x=hidden.reshape(-1, hidden.shape[-1]).contiguous(), w=weight.contiguous(),
+                b=None if bias is None else bias.contiguous(), y=y, c=c,
+                softcap=None if options.softcap is None else float(options.softcap))
+    return Prepared(head=head, y=y, terms=terms, options=options, shape=targets.shape)
