@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from . import passes, reference, validation
+from . import compiled, passes, reference, validation
 from .backends import get_backend
 from .inputs import prepare
 from .options import HeadOptions, LossOptions, with_options
@@ -29,10 +30,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     arguments override. Returns a float32 loss (float64 for float64 inputs): a scalar, or
     shaped like ``targets`` for ``reduction="none"``; with ``return_stats``,
     ``(loss, LossStats)``. For ``"mean"``/``"sum"``, tokens without a loss (ignored, or every
-    weight zero) take no matrix products for gradients.
+    weight zero) take no matrix products for gradients. Under ``torch.compile`` the call is
+    traced without graph breaks (:mod:`sftkey.compiled`).
     """
     opts = LossOptions.build(options, kwargs, "linear_cross_entropy")
-    p = prepare(hidden, weight, targets, bias, opts)
+    if torch.compiler.is_compiling() and opts.backend != "reference":
+        return compiled.linear_cross_entropy(hidden, weight, targets, bias, opts)
+    p = prepare(hidden, weight, targets, bias, opts, check_values=not torch.compiler.is_compiling())
     if opts.backend == "reference":
         return reference.linear_cross_entropy(hidden, weight, targets, bias=bias, **_reference_kwargs(opts))
     loss, stats = passes.loss(p, get_backend(opts.backend, p.head.x.device))
@@ -49,7 +53,9 @@ def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Option
     without logits. ``topk`` (0 to 8): also the ``k`` largest logits, ``[..., k]``, no gradient.
     Options: :class:`~sftkey.options.HeadOptions`."""
     opts = HeadOptions.build(options, kwargs, "logit_stats")
-    p = prepare(hidden, weight, targets, bias, opts)
+    if torch.compiler.is_compiling() and opts.backend != "reference":
+        return compiled.logit_stats(hidden, weight, targets, bias, opts, topk)
+    p = prepare(hidden, weight, targets, bias, opts, check_values=not torch.compiler.is_compiling())
     validation.check_topk(topk, p.terms.vocab_size)
     if opts.backend == "reference":
         return reference.logit_stats(hidden, weight, targets, bias=bias, topk=topk, **_reference_kwargs(opts))

@@ -78,16 +78,20 @@ def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def prepare(hidden, weight, targets, bias, options: HeadOptions, *, vocab_size: Optional[int] = None) -> Prepared:
+def prepare(hidden, weight, targets, bias, options: HeadOptions, *, vocab_size: Optional[int] = None,
+            check_values: bool = True) -> Prepared:
     """Check every input against ``options``, apply autocast and ``shift``, flatten to ``N`` tokens.
 
     ``vocab_size``: the vocabulary that ``targets`` and ``class_weights`` index, when
-    ``weight`` holds only a shard of it (:mod:`sftkey.distributed`); default ``weight``'s rows."""
+    ``weight`` holds only a shard of it (:mod:`sftkey.distributed`); default ``weight``'s rows.
+    ``check_values`` False: leave out the check of the targets' values (it reads them on the
+    host; :mod:`sftkey.compiled` makes it inside its op)."""
     autocast = isinstance(hidden, Tensor) and validation.autocast_enabled(hidden.device.type)
     validation.check_head(hidden, weight, targets, bias, autocast=autocast)
     V = weight.shape[0] if vocab_size is None else vocab_size
     options.check_tensors(targets, V)
-    validation.check_targets_range(targets, V, options.ignore_index)
+    if check_values:
+        validation.check_targets_range(targets, V, options.ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     acc = accumulation_dtype(hidden.dtype)
     shift = isinstance(options, LossOptions) and options.shift

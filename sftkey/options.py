@@ -45,8 +45,9 @@ class HeadOptions:
 
     @classmethod
     def names(cls) -> tuple:
-        """The option names, in field order."""
-        return tuple(f.name for f in fields(cls))
+        """The option names, in field order (read from the dataclass's own table, which
+        ``torch.compile`` traces, where ``dataclasses.fields`` of a class it does not)."""
+        return tuple(cls.__dataclass_fields__)
 
     @classmethod
     def build(cls, options: Optional["HeadOptions"], kwargs: dict, caller: str):

@@ -141,10 +141,11 @@ def check_loss_options(opts) -> None:
         if isinstance(opts.normalizer, Tensor):
             if opts.normalizer.numel() != 1:
                 raise ValueError(f"normalizer must be a scalar, got shape {tuple(opts.normalizer.shape)}")
-            value = float(opts.normalizer)
+            # its value is read on the host: inside sftkey.compiled's op under torch.compile
+            value = None if torch.compiler.is_compiling() else float(opts.normalizer)
         else:
             value = _number("normalizer", opts.normalizer)
-        if not value > 0:
+        if value is not None and not value > 0:
             raise ValueError(f"normalizer must be > 0, got {value}")
     for name in ("dft", "shift", "return_stats"):
         if not isinstance(getattr(opts, name), bool):
