@@ -72,8 +72,8 @@ def _scalar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
                  class_weights: Optional[Tensor], normalizer: Optional[Tensor], ignore_index: int,
                  label_smoothing: float, z_loss: float, softcap: Optional[float], dft: bool, reduction: str,
                  shift: bool, return_stats: bool, backend: str, filter_eps: Optional[float],
-                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, dx, dw, db, lse, entropy, target_logprob, correct)``; empty where not formed."""
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dx, dw, db, lse, entropy, target_logprob, correct, predicted)``; empty where not formed."""
     ew = entropy_weights if entropy_weights is None or entropy_weights.dim() else float(entropy_weights)
     opts = LossOptions(token_weights=token_weights, entropy_weights=ew, class_weights=class_weights,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -87,7 +87,8 @@ def _scalar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
         grads = iter(torch.autograd.grad(loss, wanted) if wanted else ())
     dx, dw, db = (next(grads) if t is not None and t.requires_grad else _empty(hidden) for t in leaves)
     view = LossStats.of(stats, p.y, p.shape) if return_stats else None
-    out = (view.lse, view.entropy, view.target_logprob, view.correct) if view else [_empty(hidden) for _ in range(4)]
+    out = ((view.lse, view.entropy, view.target_logprob, view.correct, view.predicted) if view
+           else [_empty(hidden) for _ in range(5)])
     return (loss.detach(), dx, dw, db, *out)
 
 
@@ -99,7 +100,8 @@ def _(hidden, weight, targets, bias, token_weights, entropy_weights, class_weigh
     grads = [torch.empty_like(t) if t is not None and need else _empty(hidden)
              for t, need in zip((hidden, weight, bias), needs)]
     stats = ([targets.new_empty(targets.shape, dtype=acc) for _ in range(3)]
-             + [targets.new_empty(targets.shape, dtype=torch.bool)] if return_stats else [_empty(hidden) for _ in range(4)])
+             + [targets.new_empty(targets.shape, dtype=torch.bool), targets.new_empty(targets.shape, dtype=torch.int64)]
+             if return_stats else [_empty(hidden) for _ in range(5)])
     return (loss, *grads, *stats)
 
 
@@ -124,17 +126,17 @@ def _head(x, w, b, y, c, softcap) -> Head:
 @torch.library.custom_op("sftkey::row_stats", mutates_args=())
 def _row_stats(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, c: Optional[Tensor], softcap: Optional[float],
                backend: str, topk: int, filter_eps: Optional[float], targets: Tensor, vocab_size: int,
-               ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+               ignore_index: int, token_weights: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(lse, target_logit, expected_logit, weighted_logit_sum, argmax, topk)`` of the flattened
-    head; first the check of the ``targets``' values that the traced call leaves out."""
-    validation.check_targets_range(targets, vocab_size, ignore_index)
+    head; first the checks of the values that the traced call leaves out."""
+    validation.check_values(targets, vocab_size, ignore_index, token_weights)
     stats = get_backend(backend, x.device).forward(_head(x, w, b, y, c, softcap), topk)
     return (stats.lse, stats.target_logit, stats.expected_logit, stats.weighted_logit_sum, stats.argmax,
             stats.topk if topk else _empty(stats.lse))
 
 
 @_row_stats.register_fake
-def _(x, w, b, y, c, softcap, backend, topk, filter_eps, targets, vocab_size, ignore_index):
+def _(x, w, b, y, c, softcap, backend, topk, filter_eps, targets, vocab_size, ignore_index, token_weights):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n = y.shape[0]
     return (*(x.new_empty(n, dtype=acc) for _ in range(4)), y.new_empty(n), x.new_empty((n, topk) if topk else 0, dtype=acc))
@@ -168,7 +170,7 @@ def _row_stats_grad(ctx, g_lse, g_zy, g_S, g_Z, _g_argmax, _g_topk):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]]
     dx, dw, db = _row_stats_backward(x, w, b, y, c, ctx.softcap, ctx.backend, ctx.filter_eps, lse, S,
                                      g_lse, g_zy, g_S, g_Z, needs)
-    return (_or_none(dx), _or_none(dw), _or_none(db), *([None] * 9))
+    return (_or_none(dx), _or_none(dw), _or_none(db), *([None] * 10))
 
 
 _row_stats.register_autograd(_row_stats_grad, setup_context=_row_stats_context)
@@ -177,7 +179,7 @@ _row_stats.register_autograd(_row_stats_grad, setup_context=_row_stats_context)
 def _statistics(p, targets: Tensor, opts: HeadOptions, topk: int = 0) -> RowStats:
     h = p.head
     out = _row_stats(h.x, h.w, h.b, h.y, h.c, h.softcap, _backend_name(opts), topk, opts.filter_eps, targets,
-                     p.terms.vocab_size, opts.ignore_index)
+                     p.terms.vocab_size, opts.ignore_index, getattr(opts, "token_weights", None))
     return RowStats(*out[:5], topk=out[5] if topk else None)
 
 

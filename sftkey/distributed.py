@@ -39,7 +39,7 @@ from .loss import TokenTerms, nonzero, weight_sum
 from .options import LossOptions, with_options
 from .results import LossStats
 
-__all__ = ["VocabShardBackend", "global_normalizer", "vocab_parallel_linear_cross_entropy"]
+__all__ = ["VocabShardBackend", "global_normalizer", "vocab_parallel_linear_cross_entropy", "weight_total"]
 
 _NO_INDEX = torch.iinfo(torch.int64).max
 
@@ -151,12 +151,22 @@ def global_normalizer(targets: Tensor, *, token_weights: Optional[Tensor] = None
     * ``accelerate``: ``accelerator.backward`` on a DDP-prepared model averages like DDP;
       use this function as is.
     """
+    total = weight_total(targets, token_weights=token_weights, class_weights=class_weights,
+                         ignore_index=ignore_index, shift=shift)
+    dist.all_reduce(total, group=group)
+    return nonzero(total) / dist.get_world_size(group)
+
+
+def weight_total(targets: Tensor, *, token_weights: Optional[Tensor] = None,
+                 class_weights: Optional[Tensor] = None, ignore_index: int = -100, shift: bool = False) -> Tensor:
+    """``sum_i a_i w_{y_i}`` over the non-ignored tokens of ``targets`` (their count without
+    weights; 0 if there are none): the ``"mean"`` denominator of these targets alone, as a
+    float64 scalar tensor on ``targets``' device. Weights are indexed like ``targets`` and
+    shift with them."""
     y = flat_targets(targets, ignore_index, shift)
     if token_weights is not None and token_weights.shape != targets.shape:
         raise ValueError(f"token_weights must have the shape of targets {tuple(targets.shape)}, "
                          f"got {tuple(token_weights.shape)}")
     terms = TokenTerms(vocab_size=0, token_weights=flat_weights(token_weights, shift, torch.float64),
-                       class_weights=None if class_weights is None else class_weights.double())
-    total = weight_sum(y, terms, torch.float64)
-    dist.all_reduce(total, group=group)
-    return nonzero(total) / dist.get_world_size(group)
+                       class_weights=None if class_weights is None else class_weights.to(y.device, torch.float64))
+    return weight_sum(y, terms, torch.float64)

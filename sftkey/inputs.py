@@ -84,14 +84,14 @@ def prepare(hidden, weight, targets, bias, options: HeadOptions, *, vocab_size: 
 
     ``vocab_size``: the vocabulary that ``targets`` and ``class_weights`` index, when
     ``weight`` holds only a shard of it (:mod:`sftkey.distributed`); default ``weight``'s rows.
-    ``check_values`` False: leave out the check of the targets' values (it reads them on the
-    host; :mod:`sftkey.compiled` makes it inside its op)."""
+    ``check_values`` False: leave out the checks of the targets' and weights' values (they
+    read them on the host; :mod:`sftkey.compiled` makes them inside its ops)."""
     autocast = isinstance(hidden, Tensor) and validation.autocast_enabled(hidden.device.type)
     validation.check_head(hidden, weight, targets, bias, autocast=autocast)
     V = weight.shape[0] if vocab_size is None else vocab_size
     options.check_tensors(targets, V)
     if check_values:
-        validation.check_targets_range(targets, V, options.ignore_index)
+        validation.check_values(targets, V, options.ignore_index, getattr(options, "token_weights", None))
     hidden, weight, bias = _autocast(hidden, weight, bias)
     acc = accumulation_dtype(hidden.dtype)
     shift = isinstance(options, LossOptions) and options.shift

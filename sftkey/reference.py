@@ -83,8 +83,9 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, token_weights=No
     if not return_stats:
         return out
     logp_y = torch.where(valid, logp_y, torch.zeros_like(logp_y)).detach()
-    correct = (z.argmax(-1) == y) & valid
-    return out, LossStats(*(t.reshape(shape) for t in (lse.detach(), entropy.detach(), logp_y, correct)))
+    predicted = z.argmax(-1)
+    correct = (predicted == y) & valid
+    return out, LossStats(*(t.reshape(shape) for t in (lse.detach(), entropy.detach(), logp_y, correct, predicted)))
 
 
 def logit_stats(hidden, weight, targets, *, bias=None, class_weights=None, softcap=None, ignore_index=-100,

@@ -12,12 +12,14 @@ from torch import Tensor
 class LossStats:
     """Per-token statistics returned with ``return_stats=True``, each shaped like ``targets``
     (after ``shift``), detached: ``lse``, ``entropy``, ``target_logprob`` (0 on ignored
-    tokens) and ``correct`` (bool: the argmax equals the target; False on ignored tokens)."""
+    tokens), ``correct`` (bool: the argmax equals the target; False on ignored tokens) and
+    ``predicted`` (int64: the argmax token, on every token, ignored ones included)."""
 
     lse: Tensor
     entropy: Tensor
     target_logprob: Tensor
     correct: Tensor
+    predicted: Tensor
 
     @classmethod
     def of(cls, stats, y: Tensor, shape: torch.Size) -> "LossStats":
@@ -25,7 +27,7 @@ class LossStats:
         (``[N]``, -1 where ignored) shaped ``shape``."""
         st = LogitStats.of(stats, y, shape)
         return cls(st.lse.detach(), st.entropy.detach(), st.target_logprob.detach(),
-                   (st.argmax == y.reshape(shape)) & st.valid)
+                   (st.argmax == y.reshape(shape)) & st.valid, st.argmax)
 
 
 @dataclass(frozen=True)

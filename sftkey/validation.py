@@ -3,6 +3,7 @@ was expected. Nothing is broadcast or clipped silently."""
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -104,6 +105,25 @@ def check_targets_range(targets: Tensor, vocab_size: int, ignore_index: int) -> 
     if bool(bad.any()):
         value = int(targets[bad].flatten()[0])
         raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {value}")
+
+
+def check_token_weights_sign(token_weights) -> None:
+    """``token_weights``, when given, are >= 0: a negative weight would turn its token's loss
+    into a reward for lowering the target's probability, and could make the ``"mean"``
+    denominator 0 or negative. (Validate the type and shape first: :func:`check_loss_tensors`.)"""
+    if token_weights is None:
+        return
+    bad = ~(token_weights >= 0)
+    if bool(bad.any()):
+        value = float(token_weights[bad].flatten()[0])
+        raise ValueError(f"token_weights must be >= 0 (a weight per token, 0 to leave it out); found {value}")
+
+
+def check_values(targets: Tensor, vocab_size: int, ignore_index: int, token_weights: Optional[Tensor]) -> None:
+    """The checks that read the tensors' values on the host: the targets' range and the token
+    weights' sign (:mod:`sftkey.compiled` makes them inside its ops under ``torch.compile``)."""
+    check_targets_range(targets, vocab_size, ignore_index)
+    check_token_weights_sign(token_weights)
 
 
 def check_head_options(opts) -> None:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -70,3 +71,11 @@ def force_ways(monkeypatch, index: int) -> None:
 
     for ways in (products.LOGITS, products.DX, products.DW):
         monkeypatch.setattr(ways, "chosen", Always(len(ways.ways)))
+
+
+@pytest.fixture
+def single_rank(tmp_path):
+    """A one-process gloo group in this process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

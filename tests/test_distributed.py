@@ -204,14 +204,6 @@ def test_ddp_gradients_equal_the_global_mean(ranks):
     assert_close(mean_of_losses, loss.detach(), F64, "mean of the ranks' losses")
 
 
-@pytest.fixture
-def single_rank(tmp_path):
-    """A one-process gloo group in this process."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_single_rank_matches_linear_cross_entropy_and_checks_arguments(single_rank):
     """One rank holding the whole vocabulary is :func:`sftkey.linear_cross_entropy` (bf16:
     gradients in bf16); the distributed arguments are checked."""

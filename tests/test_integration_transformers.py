@@ -86,7 +86,7 @@ def test_no_vocabulary_sized_logits_are_built():
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     assert out.logits is None and "logits" not in out
-    assert shapes == [(*ids.shape, 2)]  # the head returned the probe, not [B, T, V]
+    assert shapes == [(*ids.shape, 2), ()]  # the head returned the probe, not [B, T, V], then the loss
 
 
 def test_shift_labels_are_taken_as_given():
@@ -218,9 +218,64 @@ def test_peft_lora_model_matches(modules_to_save):
     assert any("lora_A" in n for n in got[1]) and (modules_to_save is None) == ("lm_head" not in str(list(got[1])))
 
 
-def test_lora_on_lm_head_is_refused():
+def test_lora_on_lm_head_is_refused_when_patching():
     model = _peft(make_model("llama"), target_modules=["q_proj", "lm_head"])
-    ids, mask, labels = make_batch()
-    use_fused_loss(model)
     with pytest.raises(ValueError, match="adapter"):
-        model(input_ids=ids, labels=labels)
+        use_fused_loss(model)
+    assert not is_patched(model)
+    # an adapter put on the head after patching is refused at the first labelled call
+    ids, mask, labels = make_batch()
+    base = make_model("llama")
+    use_fused_loss(base)
+    late = _peft(base, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="adapter"):
+        late(input_ids=ids, labels=labels)
+
+
+def _call_and_grads(call, model, **kwargs):
+    """Like :func:`loss_and_grads`, with the gradients read from ``model`` (``call`` may wrap it)."""
+    model.zero_grad(set_to_none=True)
+    out = call(**kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_patched_model_matches_without_graph_breaks():
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    model = make_model("llama")
+    ids, mask, labels = make_batch()
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, token_weights=weights,
+                  num_items_in_batch=torch.tensor(9.5))
+    use_fused_loss(model)
+    want = _call_and_grads(model, model, **kwargs)  # eager; also measures the logit scale
+    torch._dynamo.reset()
+    explain = ExplainWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=explain)
+    for _ in range(2):  # the second call runs the cached graphs
+        got = _call_and_grads(compiled, model, **kwargs)
+        assert got[0].logits is None
+        assert_same(got, want)
+    report = explain.output()  # the body, the head and the fused loss (sftkey.compiled's ops) in one graph
+    assert report.graph_break_count == 0, [(r.reason, [f"{f.filename}:{f.lineno}" for f in r.user_stack])
+                                           for r in report.break_reasons]
+
+
+@pytest.mark.slow
+def test_model_compile_of_a_patched_model_matches():
+    model = make_model("gemma2_softcap")
+    ids, mask, labels = make_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    want = loss_and_grads(model, **kwargs)
+    use_fused_loss(model)
+    torch._dynamo.reset()
+    model.compile(backend="eager")
+    for _ in range(2):
+        got = loss_and_grads(model, **kwargs)
+        assert got[0].logits is None
+        assert_same(got, want)
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (*ids.shape, V)  # without labels: the logits
+    first, second = (model(**kwargs, return_stats=True) for _ in range(2))
+    assert type(first) is type(second) and first.stats.predicted.shape == labels.shape  # one output type, made once

@@ -3,6 +3,7 @@ import copy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from sftkey import keys  # noqa: E402
 from sftkey.data import TokenWeightCollator  # noqa: E402
-from sftkey.integrations.transformers import is_patched  # noqa: E402
+from sftkey.integrations.transformers import is_patched, use_fused_loss  # noqa: E402
 from sftkey.trainer import SFTKeyTrainer, Stage  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -85,21 +86,32 @@ def test_loss_equals_the_plain_trainer_with_gradient_accumulation(setup, tmp_pat
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_trl_sft_trainer_with_the_mixin_trains_on_token_weights(setup, tmp_path):
+def _trl_config(tmp_path, **overrides):
     trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    options = dict(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_steps=2,
+                   logging_steps=1, per_device_train_batch_size=8, report_to=[], use_cpu=True, disable_tqdm=True,
+                   bf16=False, save_strategy="no")
+    return trl.SFTConfig(str(tmp_path), **{**options, **overrides})
+
+
+def _fused_sft_trainer():
+    """TRL's ``SFTTrainer`` with :class:`FusedLossMixin` in front."""
+    trl = pytest.importorskip("trl")
     from sftkey.trainer import FusedLossMixin
 
     class FusedSFTTrainer(FusedLossMixin, trl.SFTTrainer):
         pass
 
+    return FusedSFTTrainer
+
+
+def test_trl_sft_trainer_with_the_mixin_trains_on_token_weights(setup, tmp_path):
+    datasets = pytest.importorskip("datasets")
     tokenizer, _, stage2, collator = setup
     model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
-    config = trl.SFTConfig(str(tmp_path), remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-                           max_steps=4, logging_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True,
-                           disable_tqdm=True, bf16=False)
-    trainer = FusedSFTTrainer(model=model, args=config, processing_class=tokenizer, data_collator=collator,
-                              train_dataset=datasets.Dataset.from_list(stage2[:32]))
+    config = _trl_config(tmp_path, max_steps=4, logging_steps=2)
+    trainer = _fused_sft_trainer()(model=model, args=config, processing_class=tokenizer, data_collator=collator,
+                                   train_dataset=datasets.Dataset.from_list(stage2[:32]))
     batch = collator(stage2[:8])
     batch["token_weights"] = batch["token_weights"] * torch.rand(batch["token_weights"].shape)
     with torch.no_grad():
@@ -111,3 +123,165 @@ def test_trl_sft_trainer_with_the_mixin_trains_on_token_weights(setup, tmp_path)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all("entropy" in h and "mean_token_accuracy" in h for h in logs)
+
+
+class _Grads(transformers.TrainerCallback):
+    """Keeps the gradients the optimizer is about to apply, by parameter name."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_weighted_mean_under_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
+    """3 micro-batches of 4 weighted sequences: the step's loss and every gradient are those
+    of the 12 sequences' weighted mean, and evaluate() on them reports the same loss."""
+    tokenizer, _, _, collator = setup
+    problems = arithmetic.make_problems(12, seed=7)
+    examples = [{"prompt": p["prompt"], "response": p["response"]} for p in problems]
+    features, _ = keys.build_features(tokenizer, examples, stage=2, cot_weight=0.1)
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    twin = copy.deepcopy(model)
+    grads = _Grads()
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3, max_steps=1,
+                 learning_rate=0.0, optim="sgd", max_grad_norm=0.0, per_device_eval_batch_size=12)
+    trainer = SFTKeyTrainer(model=model, args=args, train_dataset=features, eval_dataset=features,
+                            data_collator=collator, callbacks=[grads])
+    out = trainer.train()
+
+    batch = collator(features)  # right padding: the padded positions change nothing
+    assert batch["token_weights"][batch["labels"] != -100].sum() < (batch["labels"] != -100).sum() / 2
+    use_fused_loss(twin)
+    want = twin(**batch).loss
+    want.backward()
+    assert out.training_loss == pytest.approx(want.item(), rel=1e-5)
+    (got,) = grads.steps
+    for name, p in twin.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_evaluate_with_compute_metrics_gets_predicted_tokens_and_log_probs(setup, tmp_path):
+    """Token accuracy and perplexity in evaluate() from the predictions the mixin returns,
+    equal to the same metrics on the model's logits."""
+    tokenizer, stage1, _, collator = setup
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    features = stage1[:20]
+
+    def compute_metrics(prediction):
+        predicted, logprob = prediction.predictions
+        labels = prediction.label_ids
+        mask = labels[:, 1:] != -100
+        return {"token_accuracy": float((predicted[:, :-1] == labels[:, 1:])[mask].mean()),
+                "perplexity": float(np.exp(-logprob[:, :-1][mask].mean()))}
+
+    args = _args(tmp_path, per_device_eval_batch_size=8)
+    trainer = SFTKeyTrainer(model=model, args=args, eval_dataset=features, data_collator=collator,
+                            compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    correct = nll = count = 0
+    with torch.no_grad():
+        for start in range(0, len(features), 8):
+            batch = collator(features[start:start + 8])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            y = batch["labels"][:, 1:]
+            mask = y != -100
+            logp = torch.log_softmax(logits[:, :-1].double(), -1)
+            correct += (logits[:, :-1].argmax(-1) == y)[mask].sum().item()
+            nll -= logp.gather(-1, y.clamp_min(0)[..., None]).squeeze(-1)[mask].sum().item()
+            count += mask.sum().item()
+    assert metrics["eval_token_accuracy"] == pytest.approx(correct / count, abs=1e-9)
+    assert metrics["eval_perplexity"] == pytest.approx(np.exp(nll / count), rel=1e-5)
+    assert 0 <= metrics["eval_mean_token_accuracy"] <= 1
+
+
+def test_trainer_honours_the_patch_ignore_index(setup, tmp_path):
+    """With use_fused_loss(ignore_index=1000), labels of 1000 count as ignored in the loss's
+    denominator and in the logged entropy and token accuracy (Trainer itself counts -100)."""
+    tokenizer, stage1, _, collator = setup
+    features = [{k: v for k, v in f.items() if k != "token_weights"} for f in stage1[:8]]
+
+    def relabel(batch):
+        batch["labels"] = torch.where(batch["labels"] == -100, 1000, batch["labels"])
+        return batch
+
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    use_fused_loss(model, ignore_index=1000)
+    args = _args(tmp_path, max_steps=1, learning_rate=0.0, logging_steps=1, per_device_train_batch_size=8)
+    trainer = SFTKeyTrainer(model=model, args=args, train_dataset=features,
+                            data_collator=lambda f: relabel(collator(f)))
+    out = trainer.train()
+    batch = relabel(collator(features))
+    with torch.no_grad():
+        want = model(**batch).loss
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    y = batch["labels"][:, 1:]
+    mask = y != 1000
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    entropy = -(logp.exp() * logp).sum(-1)[mask].mean()
+    assert out.training_loss == pytest.approx(want.item(), rel=1e-5)
+    (log,) = [h for h in trainer.state.log_history if "entropy" in h]
+    assert log["entropy"] == pytest.approx(entropy.item(), rel=1e-5)
+    assert log["mean_token_accuracy"] == pytest.approx(
+        (logits[:, :-1].argmax(-1) == y)[mask].double().mean().item(), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_trainer_torch_compile_trains_like_eager(setup, tmp_path):
+    tokenizer, _, stage2, collator = setup
+    features = stage2[:16]
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    twin = copy.deepcopy(model)
+    args = dict(per_device_train_batch_size=8, max_steps=2, logging_steps=1)
+    torch._dynamo.reset()
+    compiled = SFTKeyTrainer(model=model, args=_args(tmp_path, torch_compile=True, torch_compile_backend="eager",
+                                                     **args), train_dataset=features, data_collator=collator)
+    compiled_out = compiled.train()
+    assert compiled.model_wrapped is not model  # the compiled module ran
+    eager = SFTKeyTrainer(model=twin, args=_args(tmp_path, **args), train_dataset=features, data_collator=collator)
+    eager_out = eager.train()
+    assert compiled_out.training_loss == pytest.approx(eager_out.training_loss, rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trl_sft_trainer_refuses_to_bypass_a_patched_model(setup, tmp_path):
+    """TRL's SFTTrainer puts its own fused LM head over the patch; training then raises
+    (naming FusedLossMixin) instead of training on TRL's plain NLL, and a call with
+    fused_lm_head=True of a model whose outermost forward is the patch raises too."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizer, _, stage2, collator = setup
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    use_fused_loss(model, dft=True)
+    trainer = trl.SFTTrainer(model=model, args=_trl_config(tmp_path), processing_class=tokenizer,
+                             data_collator=collator, train_dataset=datasets.Dataset.from_list(stage2[:16]))
+    with pytest.raises(ValueError, match="FusedLossMixin"):
+        trainer.train()
+    batch = collator(stage2[:4])
+    with torch.no_grad():  # calls that go through the patch still work under TRL's head
+        assert model(**batch).logits is None
+        assert model.generate(batch["input_ids"][:1, :5], max_new_tokens=2, do_sample=False).shape == (1, 7)
+
+    late = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    trl.trainer.utils.add_fused_lm_head(late)
+    use_fused_loss(late)
+    with pytest.raises(ValueError, match="fused_lm_head=True"):
+        late(**batch, fused_lm_head=True)
+
+
+@pytest.mark.parametrize("dropped_by", ["remove_unused_columns", "trl_collator"])
+def test_mixin_refuses_batches_without_the_features_token_weights(setup, tmp_path, dropped_by):
+    datasets = pytest.importorskip("datasets")
+    tokenizer, _, stage2, collator = setup
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    if dropped_by == "remove_unused_columns":
+        config, kwargs = _trl_config(tmp_path, remove_unused_columns=True), dict(data_collator=collator)
+    else:
+        config, kwargs = _trl_config(tmp_path), {}
+    trainer = _fused_sft_trainer()(model=model, args=config, processing_class=tokenizer,
+                                   train_dataset=datasets.Dataset.from_list(stage2[:16]), **kwargs)
+    with pytest.raises(ValueError, match="token_weights: the dataset's features have it"):
+        trainer.train()

@@ -210,7 +210,17 @@ def _weights_cases(name, scalar_ok):
     return cases
 
 
-TOKEN_WEIGHT_CASES = _weights_cases("token_weights", scalar_ok=False)
+def _one_entry(value):
+    weights = torch.rand(B, T)
+    weights[1, 2] = value
+    return weights
+
+
+TOKEN_WEIGHT_CASES = {
+    **_weights_cases("token_weights", scalar_ok=False),
+    "negative": (_one_entry(-0.5), ValueError, r"token_weights must be >= 0 .*found -0\.5"),
+    "nan_entry": (_one_entry(math.nan), ValueError, r"token_weights must be >= 0 .*found nan"),
+}
 ENTROPY_WEIGHT_CASES = _weights_cases("entropy_weights", scalar_ok=True)
 
 

@@ -1,11 +1,22 @@
 """Hugging Face causal LMs that compute their training loss with :func:`sftkey.linear_cross_entropy`.
 
-``use_fused_loss(model)`` replaces ``model.forward`` on that one instance (the class and
-other instances are untouched). Called with ``labels``, the patched forward runs the model's
-own forward with its LM head swapped for a stub that records the head's input and returns
-a ``[..., 2]`` probe instead of ``[..., V]`` logits, then computes the loss from the recorded
-hidden states and the head's weight and bias. No ``N x V`` tensor exists; ``output.logits``
-is None. Without ``labels`` (generation, inference) the model's own forward runs unchanged.
+``use_fused_loss(model)`` replaces ``model.forward`` and its LM head's ``forward`` on those
+instances (the classes and other instances are untouched). Called with ``labels``, the
+patched forward runs the model's own forward while the head's forward records its input and
+returns a ``[..., 2]`` probe instead of ``[..., V]`` logits; then it calls the head module
+once more on the recorded hidden states, and the head's forward computes the loss from them
+and the head's weight and bias. No ``N x V`` tensor exists; ``output.logits`` is None.
+Without ``labels`` (generation, inference) the model's and the head's own forwards run.
+
+Because the loss runs inside a call of the head module, whatever wraps that call holds for
+the weight it reads: FSDP (``fully_shard``, or FSDP1 with the head in its own unit) gathers
+it there, as DeepSpeed ZeRO-3's module hooks do; a weight still sharded or partitioned there
+(a tensor-parallel DTensor, a ZeRO-3 stub of ``numel() == 0``) is refused with a
+``ValueError``. Nothing is set on or deleted from a module during the call (the switch
+between recording and computing is the handle's own state), so ``torch.compile(model)``,
+``model.compile()`` and ``Trainer(torch_compile=True)`` trace the patched model; the graph
+breaks where the loss itself does. (A forward hook on the LM head also sees the second
+call, whose output is the loss.)
 
 It works for any ``*ForCausalLM`` whose forward calls ``get_output_embeddings()`` once on the
 final hidden states, and keeps the model's conventions:
@@ -25,33 +36,45 @@ final hidden states, and keeps the model's conventions:
 * an MoE model's ``aux_loss`` is added with its ``router_aux_loss_coef``, as its forward does;
 * PEFT models: the base model is patched, so LoRA on the body trains as usual and
   ``modules_to_save=["lm_head"]`` trains the head's copy. An adapter *on* the LM head
-  (LoRA etc.) is refused with a ``ValueError``: the fused loss needs the head as one matrix.
+  (LoRA etc.) is refused with a ``ValueError`` by ``use_fused_loss``: the fused loss needs
+  the head as one matrix.
 
 Loss options (``token_weights``, ``entropy_weights``, ``class_weights``, ``label_smoothing``,
 ``z_loss``, ``dft``, ``ignore_index``, ``backend``, ``filter_eps``, ``return_stats``) are set
 for every call in ``use_fused_loss(model, **options)`` and per call as ``model(...)`` keyword
 arguments, which win. With ``return_stats=True`` the output carries ``output.stats``
-(:class:`sftkey.LossStats`: ``lse``, ``entropy``, ``target_logprob``, ``correct``, shaped
+(:class:`sftkey.LossStats`: ``lse``, ``entropy``, ``target_logprob``, ``correct``, ``predicted``, shaped
 like the labels after the shift; last in the tuple with ``return_dict=False``).
 
 Patch the model itself, before wrapping it in DDP/FSDP. The forward's signature lists the
 loss options, so ``Trainer(remove_unused_columns=True)`` keeps a ``token_weights`` column.
+
+TRL's ``add_fused_lm_head`` (which ``SFTTrainer`` applies) replaces the patched forward and
+computes the plain NLL itself. A patched model then refuses to run its backbone outside the
+patched forward, and refuses ``fused_lm_head=True``, each with a ``ValueError`` naming
+:class:`sftkey.trainer.FusedLossMixin`, with which ``SFTTrainer`` trains on sftkey's loss.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import math
 import types
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()
+
 import sftkey
 from sftkey.options import LossOptions
 
-__all__ = ["use_fused_loss", "is_patched", "FusedLossHandle", "LOSS_OPTIONS"]
+__all__ = ["use_fused_loss", "is_patched", "fused_loss_handle", "FusedLossHandle", "LOSS_OPTIONS"]
 
 #: Keyword arguments of ``model(...)`` that go to :func:`sftkey.linear_cross_entropy`: its
 #: options (:class:`sftkey.LossOptions`) but those the model itself sets (the label shift,
@@ -62,6 +85,10 @@ _PER_TOKEN = ("token_weights", "entropy_weights")
 _PROBE = (1.0, -3.0)
 _MISSING = object()
 _ATTR = "_sftkey_fused_loss"  # the model's handle; wrappers of the forward (accelerate's autocast) keep it
+_HEAD_ATTR = "_sftkey_fused_loss_head"  # the same handle, on the LM head
+_TRL_ADVICE = ("TRL's fused LM head (fused_lm_head=True) computes the plain NLL from its own log-probabilities, "
+               "without sftkey's options and token weights. With TRL's SFTTrainer, put "
+               "sftkey.trainer.FusedLossMixin in front of it: class FusedSFTTrainer(FusedLossMixin, SFTTrainer)")
 
 
 def use_fused_loss(model: nn.Module, **options) -> "FusedLossHandle":
@@ -80,42 +107,68 @@ def use_fused_loss(model: nn.Module, **options) -> "FusedLossHandle":
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` (or the base model of a PEFT model) is patched by :func:`use_fused_loss`."""
-    return isinstance(getattr(_causal_lm(model), _ATTR, None), FusedLossHandle)
+    return fused_loss_handle(model) is not None
+
+
+def fused_loss_handle(model: nn.Module) -> Optional["FusedLossHandle"]:
+    """The :class:`FusedLossHandle` of ``model`` (or of a PEFT model's base model), or None."""
+    handle = getattr(_causal_lm(model), _ATTR, None)
+    return handle if isinstance(handle, FusedLossHandle) else None
 
 
 class FusedLossHandle:
-    """The patch of one model's forward; :meth:`remove` (or leaving a ``with`` block) undoes it."""
+    """The patch of one model's forward and its LM head's; :meth:`remove` (or leaving a
+    ``with`` block) undoes it."""
 
     def __init__(self, model: nn.Module, options: dict):
         if is_patched(model):
             raise ValueError("use_fused_loss: the model is already patched; remove() the first patch")
-        if model.get_output_embeddings() is None:
+        head = model.get_output_embeddings()
+        if head is None:
             raise ValueError(f"use_fused_loss: {type(model).__name__} has no output embeddings (LM head)")
-        self.model = model
-        self.options = options
+        _refuse_adapter(head)
+        if isinstance(getattr(head, _HEAD_ATTR, None), FusedLossHandle):
+            raise ValueError("use_fused_loss: the LM head is patched by another model's patch; remove() it first")
+        self.model, self.head, self.options = model, head, options
         self._saved = model.__dict__.get("forward", _MISSING)
+        self._head_saved = head.__dict__.get("forward", _MISSING)
         self._call_original = _unbound(model.forward, model)
+        self._call_head = _unbound(head.forward, head)
         config = model.config.get_text_config()
         self.softcap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
         self.scale: Optional[float] = None  # measured on the first labelled call
+        self._step = None  # what the head's forward does instead of its own: record, or compute the loss
+        self._active = False  # within the patched forward
 
         def forward(module, *args, **kwargs):  # a deep copy of the model calls its own handle
             return getattr(module, _ATTR)._forward(module, *args, **kwargs)
 
+        def head_forward(module, *args, **kwargs):
+            return getattr(module, _HEAD_ATTR)._head_forward(module, *args, **kwargs)
+
         forward.__signature__ = _signature_with_options(model.forward)
         forward.__doc__ = type(model).forward.__doc__
+        self._installed = forward
         model.forward = types.MethodType(forward, model)
+        head.forward = types.MethodType(head_forward, head)
         setattr(model, _ATTR, self)
+        setattr(head, _HEAD_ATTR, self)
+        backbone = getattr(model, "base_model", model)
+        self._bypass_hook = None if backbone is model else backbone.register_forward_pre_hook(
+            functools.partial(_refuse_bypass, self))
 
     def remove(self) -> None:
-        """Restore the forward the model had before :func:`use_fused_loss`."""
+        """Restore the forwards the model and its LM head had before :func:`use_fused_loss`."""
         if getattr(self.model, _ATTR, None) is not self:
             return
-        delattr(self.model, _ATTR)
-        if self._saved is _MISSING:
-            del self.model.forward
-        else:
-            self.model.forward = self._saved
+        for module, attr, saved in ((self.model, _ATTR, self._saved), (self.head, _HEAD_ATTR, self._head_saved)):
+            delattr(module, attr)
+            if saved is _MISSING:
+                del module.forward
+            else:
+                module.forward = saved
+        if self._bypass_hook is not None:
+            self._bypass_hook.remove()
 
     def __enter__(self) -> "FusedLossHandle":
         return self
@@ -123,41 +176,62 @@ class FusedLossHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _forward(self, model: nn.Module, *args, **kwargs):
-        labels = kwargs.pop("labels", None)
-        shift_labels = kwargs.pop("shift_labels", None)
-        normalizer = kwargs.pop("num_items_in_batch", None)
-        per_call = {k: kwargs.pop(k) for k in LOSS_OPTIONS if k in kwargs}
+    def loss_inputs(self, inputs: dict) -> Optional[tuple[Tensor, bool, dict]]:
+        """``(targets, shift, options)`` of a call ``model(**inputs)`` as the patched forward
+        reads them: ``shift_labels`` as given, else ``labels`` to be shifted, and the loss
+        options (the call's, else the patch's); None without labels."""
+        shift_labels, labels = inputs.get("shift_labels"), inputs.get("labels")
         if labels is None and shift_labels is None:
-            given = [k for k in _PER_TOKEN if per_call.get(k) is not None]
+            return None
+        options = {**self.options, **{k: inputs[k] for k in LOSS_OPTIONS if k in inputs}}
+        return (labels, True, options) if shift_labels is None else (shift_labels, False, options)
+
+    def _forward(self, model: nn.Module, *args, **kwargs):
+        if kwargs.pop("fused_lm_head", False):
+            raise ValueError(f"use_fused_loss: {type(model).__name__} was called with fused_lm_head=True. " + _TRL_ADVICE)
+        previous, self._active = self._active, True
+        try:
+            return self._patched_forward(model, *args, **kwargs)
+        finally:
+            self._active = previous
+
+    def _patched_forward(self, model: nn.Module, *args, **kwargs):
+        found = self.loss_inputs(kwargs)
+        given = [k for k in _PER_TOKEN if kwargs.get(k) is not None]
+        for name in ("labels", "shift_labels", *LOSS_OPTIONS):
+            kwargs.pop(name, None)
+        normalizer = kwargs.pop("num_items_in_batch", None)
+        if found is None:
             if given:
                 raise ValueError(f"{', '.join(given)} given without labels: there is no loss to weight")
             return self._call_original(model, *args, **kwargs)
-        options = {**self.options, **per_call}
+        targets, shift, options = found
 
+        _refuse_adapter(model.get_output_embeddings())  # one put on the head after patching
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
-        head = model.get_output_embeddings()
-        weight, bias = _head_params(head)
         recorded = []
-        with _stub_forward(head, recorded):
-            out = self._call_original(model, *args, return_dict=True, **kwargs)
+        out = self._with_step(functools.partial(_record, recorded), self._call_original, model, *args,
+                              return_dict=True, **kwargs)
         if len(recorded) != 1:
             raise NotImplementedError(
-                f"use_fused_loss: {type(model).__name__}'s forward called its LM head {len(recorded)} times; "
-                "expected once, on the final hidden states")
-        hidden = recorded[0]
+                f"use_fused_loss: {type(model).__name__}'s forward called its patched LM head {len(recorded)} times; "
+                "expected once, on the final hidden states (was the head replaced after use_fused_loss?)")
         if self.scale is None:
             self.scale = self._measure_scale(model, out)
-        if self.scale != 1.0:
-            hidden = hidden * self.scale
-            bias = None if bias is None else bias * self.scale
 
-        targets = labels if shift_labels is None else shift_labels
-        result = sftkey.linear_cross_entropy(
-            hidden, weight, targets.to(hidden.device), bias=bias, softcap=self.softcap,
-            shift=shift_labels is None, normalizer=normalizer, **options)
+        # The loss runs inside a call of the head module, so that whatever wraps the head's forward
+        # (FSDP's unshard, DeepSpeed ZeRO-3's gather, accelerate's offload) holds for the weight it
+        # reads. The hidden states reach it through the step; the call's argument is a detached copy,
+        # as FSDP2 would hook the reduction of the head's gradient on a differentiable argument's
+        # backward, before the embedding's share of a tied weight arrives (a unit of both modules).
+        ran = []
+        loss_step = functools.partial(self._head_loss, ran, recorded[0], targets, shift, normalizer, options)
+        result = self._with_step(loss_step, model.get_output_embeddings(), recorded[0].detach())
+        if not ran:
+            raise ValueError(f"use_fused_loss: {type(model).__name__}'s LM head is no longer the module that was "
+                             "patched (replaced after use_fused_loss?); remove() the patch and patch again")
         loss, stats = result if options.get("return_stats") else (result, None)
         aux_loss = getattr(out, "aux_loss", None)
         if aux_loss is not None:
@@ -165,10 +239,38 @@ class FusedLossHandle:
 
         fields = {k: v for k, v in out.items() if k != "logits"}
         fields["loss"] = loss
-        out = type(out)(**fields)
-        if stats is not None:
-            out["stats"] = stats  # an item, not an attribute: survives accelerate's output conversion
+        if stats is None:
+            out = type(out)(**fields)
+        else:  # a field of its own: DDP and accelerate rebuild outputs from their fields
+            out = _with_stats_field(type(out))(**fields, stats=stats)
         return out if return_dict else out.to_tuple()
+
+    def _with_step(self, step, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` with the LM head's forward replaced by ``step(head, *head_args)``."""
+        self._step = step
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._step = None
+
+    def _head_forward(self, head: nn.Module, *args, **kwargs):
+        """The LM head's forward while patched: its own, or the step of the patched model forward."""
+        step = self._step
+        if step is None:
+            return self._call_head(head, *args, **kwargs)
+        return step(head, *args, **kwargs)
+
+    def _head_loss(self, ran: list, hidden: Tensor, targets: Tensor, shift: bool, normalizer, options: dict,
+                   head: nn.Module, _detached: Tensor):
+        """The fused loss of ``hidden``, from within a call of the LM head module."""
+        ran.append(True)
+        weight, bias = _head_params(head)
+        if self.scale != 1.0:
+            hidden = hidden * self.scale
+            bias = None if bias is None else bias * self.scale
+        return sftkey.linear_cross_entropy(
+            hidden, weight, targets.to(hidden.device), bias=bias, softcap=self.softcap, shift=shift,
+            normalizer=normalizer, **options)
 
     def _measure_scale(self, model: nn.Module, out) -> float:
         """The factor ``s`` such that the forward turns head outputs ``z`` into
@@ -217,37 +319,79 @@ def _signature_with_options(forward) -> inspect.Signature:
     return sig.replace(parameters=[self_param, *params, *extra, *var_kw])
 
 
-def _head_params(head: nn.Module):
-    """``(weight, bias)`` of the LM head; refuses heads that are not one linear map."""
+def _refuse_adapter(head: nn.Module) -> None:
+    """Refuse an LM head wrapped by an adapter (LoRA etc.): the fused loss needs one matrix."""
     if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
         raise ValueError(
             f"use_fused_loss: the LM head is wrapped by an adapter ({type(head).__name__}); the fused loss "
             "needs it as a plain weight. Leave lm_head out of the adapter's target_modules, or train it "
             "fully with modules_to_save=['lm_head']")
+
+
+def _head_params(head: nn.Module):
+    """``(weight, bias)`` of the LM head, as its forward sees them; refuses heads that are not
+    one linear map, and weights that are still sharded there."""
     weight = getattr(head, "weight", None)
+    if isinstance(weight, DTensor):
+        raise ValueError(
+            f"use_fused_loss: the LM head's weight is a DTensor ({weight.placements}) inside the head's own "
+            "forward, so it is split across ranks there (tensor parallelism); the fused loss needs the whole "
+            "[vocab, hidden] matrix. Leave the head out of the tensor-parallel plan, or compute the loss with "
+            "sftkey.distributed.vocab_parallel_linear_cross_entropy")
+    if isinstance(weight, Tensor) and weight.numel() == 0:
+        raise ValueError(
+            f"use_fused_loss: the LM head's weight is empty (shape {tuple(weight.shape)}) inside the head's own "
+            "forward: a partitioned stub, as DeepSpeed ZeRO-3 leaves it where no hook gathers it. Let the head "
+            "module's forward hooks gather its parameters (do not remove them), or train without ZeRO-3")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"use_fused_loss: the LM head ({type(head).__name__}) has no floating-point "
                          "[vocab, hidden] weight (quantized heads are not supported)")
     return weight, getattr(head, "bias", None)
 
 
-@contextmanager
-def _stub_forward(head: nn.Module, recorded: list):
-    """Within the block, ``head(x)`` records ``x`` and returns the probe, ``[..., 2]`` float32."""
-    saved = head.__dict__.get("forward", _MISSING)
+def _record(recorded: list, head: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    """The head's step while the model's own forward runs: record ``x``, return the probe
+    ``[..., 2]`` float32 instead of ``[..., V]`` logits."""
+    recorded.append(x)
+    return torch.tensor(_PROBE, dtype=torch.float32, device=x.device).expand(*x.shape[:-1], -1).clone()
 
-    def stub(x, *args, **kwargs):
-        recorded.append(x)
-        return torch.tensor(_PROBE, dtype=torch.float32, device=x.device).expand(*x.shape[:-1], -1).clone()
 
-    head.forward = stub
-    try:
-        yield
-    finally:
-        if saved is _MISSING:
-            del head.forward
-        else:
-            head.forward = saved
+def _refuse_bypass(handle: "FusedLossHandle", backbone: nn.Module, args) -> None:
+    """Forward pre-hook of the backbone: refuse a run that reaches it outside the patched
+    forward because something replaced that forward after :func:`use_fused_loss` (TRL's
+    ``add_fused_lm_head``, which ``SFTTrainer`` applies, computes its own loss there)."""
+    forward = handle.model.forward
+    if handle._active or _wraps(forward, handle._installed):
+        return
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    by = f" (by {code.co_name} in {code.co_filename})" if code is not None else ""
+    raise ValueError(
+        f"use_fused_loss: {type(handle.model).__name__}'s forward was replaced after use_fused_loss{by}, "
+        "and its backbone now runs outside it: the loss would not be sftkey's. " + _TRL_ADVICE)
+
+
+def _wraps(forward, function) -> bool:
+    """Whether ``forward`` is ``function``, or wraps it (``functools.wraps`` chains, bound methods)."""
+    seen = getattr(forward, "__func__", forward)
+    while seen is not None:
+        if seen is function:
+            return True
+        seen = getattr(seen, "__wrapped__", None)
+    return False
+
+
+_WITH_STATS: dict[type, type] = {}  # a plain dict: Dynamo traces through functools caches
+
+
+def _with_stats_field(output_type: type) -> type:
+    """``output_type`` (a ``ModelOutput`` dataclass) with a last field ``stats``, made once; the
+    same name, in a module of its own (``ModelOutput`` registers each subclass by module and name)."""
+    made = _WITH_STATS.get(output_type)
+    if made is None:
+        made = _WITH_STATS[output_type] = dataclasses.make_dataclass(
+            output_type.__name__, [("stats", Optional[sftkey.LossStats], None)], bases=(output_type,),
+            namespace={"__module__": f"{__name__}.{output_type.__module__}"})
+    return made
 
 
 def _aux_loss_coef(model: nn.Module) -> float:
