@@ -114,6 +114,24 @@ def test_tuner_keeps_the_fastest_way_per_shape(monkeypatch):
     assert len(ways.chosen) == 2
 
 
+def test_tuning_call_leaves_the_chosen_ways_result(monkeypatch):
+    """The first call's product is bitwise the later calls' (autograd reentrance: gradcheck),
+    whichever way ran last in the timing rounds."""
+    monkeypatch.setattr(config, "tune_products", True)
+
+    def slow_and_off(a, b, out, accumulate):
+        _slow(a, b, out, accumulate)
+        out.add_(1.0)
+
+    for order, fastest in (((products._plain, _slow, slow_and_off), 0), ((_slow, slow_and_off, products._plain), 2)):
+        ways = products.Ways(*order)
+        a, b = torch.randn(5, 8), torch.randn(8, 3)
+        out = torch.full((5, 3), float("nan"))
+        ways(a, b, out)
+        assert list(ways.chosen.values()) == [fastest]
+        assert torch.equal(out, a @ b)
+
+
 def test_tuner_off_or_accumulating_uses_the_first_way(monkeypatch):
     calls = []
     first = lambda a, b, out, acc: calls.append("first") or products._plain(a, b, out, acc)  # noqa: E731

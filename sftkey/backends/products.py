@@ -111,7 +111,8 @@ class Ways:
     """Equivalent ways to form one kind of product ``a @ b`` into ``out``. A call uses the
     way chosen for its operands' shapes, strides, dtype and the thread count; the first call
     for them (not accumulating, on the CPU, with tuning on) runs every way twice and keeps
-    the fastest, leaving the product in ``out``."""
+    the fastest, leaving that way's product in ``out``, so the first call's result is bitwise
+    the later calls'."""
 
     #: Rounds of timing per way: the first run of a new shape also pays oneDNN's set-up.
     ROUNDS = 2
@@ -135,7 +136,10 @@ class Ways:
                 start = time.perf_counter()
                 way(a, b, out, False)
                 best[i] = min(best[i], time.perf_counter() - start)
-        return best.index(min(best))
+        chosen = best.index(min(best))
+        if chosen != len(self.ways) - 1:
+            self.ways[chosen](a, b, out, False)
+        return chosen
 
 
 def _plain(a, b, out, accumulate):
