@@ -128,6 +128,10 @@ class HalfSum:
             logits[self.id[token]] = value
         return logits
 
+    def response(self, a: int, b: int) -> str:
+        """The model's (right) response to ``a + b``, EOS not included."""
+        return f"{'.' * self.FILLER_BEFORE}{a + b}{'.' * self.FILLER_AFTER}<Answer>{(a + b) // 2}</Answer>"
+
     def example(self, a: int, b: int) -> dict:
         return {"prompt": self.prompt(a, b), "answer": (a + b) // 2}
 

@@ -41,6 +41,7 @@ def test_finds_the_constructed_critical_tokens_and_only_those(rule):
         assert r.tried == list(range(len(r.response_ids)))   # every position, EOS included
         assert r.rollouts == 2 * len(r.response_ids)
         assert r.response_ids[-1] == TASK.tokenizer.eos_token_id
+        assert TASK.tokenizer.decode(r.response_ids, skip_special_tokens=True) == TASK.response(a, b)
     # the stored outcomes give the other rule without new rollouts
     other = "all" if rule == "any" else "any"
     assert [r.critical(other) for r in results] == [TASK.critical(a, b, other) for a, b in PROBLEMS]
@@ -62,7 +63,7 @@ def test_wrong_greedy_answer_is_not_searched():
 
 
 def test_reference_response_gives_the_answer():
-    example = {"prompt": TASK.prompt(5, 8), "response": "..13...<Answer>6</Answer>"}
+    example = {"prompt": TASK.prompt(5, 8), "response": TASK.response(5, 8)}
     (r,) = find_critical_tokens(TASK.model(), TASK.tokenizer, [example], max_new_tokens=24, progress=False)
     assert r.correct and r.critical() == TASK.critical(5, 8)
 
