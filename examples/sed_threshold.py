@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(task.TOKENS), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                          max_position_embeddings=64, pad_token_id=0, eos_token_id=1))
-    collate = TokenWeightCollator.from_tokenizer(task.tokenizer)
+    collate = TokenWeightCollator.from_tokenizer(task.tokenizer, padding_side="right")  # positions from 0
     train, val = features(task, 2000, args.seed), features(task, 100, args.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
