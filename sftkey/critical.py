@@ -231,7 +231,8 @@ def find_critical_tokens(
     checker (default ``tokenizer.decode(ids, skip_special_tokens=True)``).
 
     ``output``: a JSONL file, one :class:`CriticalResult` a line, appended after each
-    example; examples whose index is already there are not searched again (resume).
+    example; examples whose index is already there are not searched again (resume with the
+    same examples and settings; other ``ranks`` are refused, ``rule`` is re-applied).
     Returns the results of every example, in order.
     """
     ranks = _check_ranks(ranks)
@@ -250,6 +251,11 @@ def find_critical_tokens(
         raise ValueError("tokenizer: needs a pad_token_id or an eos_token_id to pad the batches")
     examples = list(examples)
     done = {r.index: r for r in read_results(output)} if output else {}
+    for r in done.values():
+        if r.ranks != ranks:
+            raise ValueError(f"output: {output} holds results for ranks {r.ranks}, not {ranks}; "
+                             "resume with the settings it was written with, or write to a new file")
+        r.rule = rule
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -108,6 +108,10 @@ def test_resume_skips_done_examples(tmp_path):
     find_critical_tokens(model, TASK.tokenizer, [TASK.example(a, b) for a, b in PROBLEMS],
                          max_new_tokens=24, progress=False, output=out)
     assert calls == []                                    # everything was done: no forward at all
+    with pytest.raises(ValueError, match="ranks"):
+        _search(PROBLEMS[:1], output=out, ranks=(2,))
+    (strict,) = _search(PROBLEMS[:1], output=out, rule="all")             # read back, the rule re-applied
+    assert strict.rollouts == first[0].rollouts and strict.critical() == TASK.critical(*PROBLEMS[0], "all")
     line = json.loads(open(out).readline())
     assert set(line) >= {"index", "tried", "wrong", "rollouts", "prompt_ids", "response_ids"}
 
