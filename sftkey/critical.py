@@ -1,4 +1,4 @@
-"""CFT's critical tokens by counterfactual rollouts (Ruan et al., arXiv 2510.10974).
+"""CFT's critical tokens by counterfactual rollouts (arXiv 2510.10974).
 
 For each problem: greedy-decode a response with the model; keep it when its final answer is
 right; at each tried position ``t`` of the response, replace token ``t`` by the model's
