@@ -13,7 +13,8 @@ With ``p_y = exp(st.target_logprob)`` and ``ce = -log p_y`` on non-ignored token
 * ``sftkey``: ``a * ce``, ``a`` the :mod:`sftkey.keys` token weights (SFTKey stage 1 or 2);
 * ``cft``: ``m * ce``, ``m`` in {0, 1} marking critical tokens (critical-token fine-tuning);
 * ``dft``: ``stopgrad(p_y) * ce`` (Dynamic Fine-Tuning, TRL's ``loss_type="dft"``);
-* ``sed_sft``: ``ce + lam * M * (p_y - 1/2)^2``, ``M = [top-2 mass < threshold]`` (SED-SFT);
+* ``sed_sft``: ``ce + lam * M * (p_y - 1/2)^2``, ``M = [top-k mass < threshold]`` (SED-SFT;
+  :func:`calibrate_sed_threshold` and :data:`SED_SFT_SETTINGS` give the threshold, :mod:`sftkey.sed`);
 * ``entropy_bonus``: ``-beta * e * H`` (entropy regularization);
 * ``focal``: ``-(1 - p_y)^gamma * log p_y`` (focal loss).
 
@@ -29,8 +30,10 @@ from torch import Tensor
 from .results import LogitStats
 from .loss import nonzero
 from .loss import reduce as reduce_losses
+from .sed import SED_SFT_SETTINGS, SedSettings, calibrate_sed_threshold, top_mass
 
-__all__ = ["sft", "sftkey", "cft", "dft", "sed_sft", "entropy_bonus", "focal", "reduce"]
+__all__ = ["sft", "sftkey", "cft", "dft", "sed_sft", "entropy_bonus", "focal", "reduce",
+           "calibrate_sed_threshold", "top_mass", "SED_SFT_SETTINGS", "SedSettings"]
 
 
 def _valid_only(st: LogitStats, loss: Tensor) -> Tensor:
@@ -71,15 +74,13 @@ def dft(st: LogitStats) -> Tensor:
 
 
 def sed_sft(st: LogitStats, lam: float = 0.2, threshold: float = 0.95,
-            mask: Optional[Tensor] = None) -> Tensor:
-    """SED-SFT: ``ce + lam * M * (p_y - 1/2)^2``, where ``M`` marks the tokens whose top-2
+            mask: Optional[Tensor] = None, k: int = 2) -> Tensor:
+    """SED-SFT: ``ce + lam * M * (p_y - 1/2)^2``, where ``M`` marks the tokens whose top-``k``
     probability mass is below ``threshold`` (the model is unsure there, so the term keeps
-    ``p_y`` from collapsing to 1). Needs ``st`` from ``logit_stats(..., topk=2)`` or more.
-    ``mask`` (optional, bool or 0/1) further restricts ``M``. Defaults are the authors' code's."""
-    if st.topk is None or st.topk.shape[-1] < 2:
-        raise ValueError("sed_sft: needs the top-2 logits; call logit_stats(..., topk=2)")
-    top2_mass = (st.topk[..., :2] - st.lse.detach().unsqueeze(-1)).exp().sum(-1)
-    selected = (top2_mass < threshold) & st.valid
+    ``p_y`` from collapsing to 1). Needs ``st`` from ``logit_stats(..., topk=k)`` or more.
+    ``mask`` (optional, bool or 0/1) further restricts ``M``. Defaults are the authors' loss
+    class's; their trainer's, with a calibrated ``threshold``: :data:`SED_SFT_SETTINGS`."""
+    selected = (top_mass(st, k) < threshold) & st.valid
     if mask is not None:
         selected = selected & _weights(st, mask, "mask").bool()
     p = st.target_logprob.exp()

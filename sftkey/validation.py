@@ -92,7 +92,7 @@ def check_head(hidden, weight, targets, bias, *, autocast: bool) -> None:
 
 
 def check_topk(topk, vocab_size: int) -> None:
-    """``topk`` is an int in ``[0, min(8, V)]``."""
+    """``topk`` is an int in ``[0, min(16, V)]``."""
     if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
     if topk > vocab_size:
