@@ -46,6 +46,19 @@ INTERPRETER = KernelConfig(block_n=16, block_v=32, block_d=32, num_warps=1, num_
                            occupancy=0, group_n=2)
 
 
+@dataclass(frozen=True)
+class RowConfig:
+    """Launch settings of the row kernels (:mod:`.rows`): one program per row, ``block_v``
+    columns per chunk."""
+
+    block_v: int
+    num_warps: int = 8
+
+
+ROWS = RowConfig(block_v=2048, num_warps=8)
+INTERPRETER_ROWS = RowConfig(block_v=64, num_warps=1)
+
+
 #: Whether the kernels run in Triton's interpreter. Read once, at import, as ``triton.jit`` does
 #: when it decorates the kernels (so ``TRITON_INTERPRET=1`` must be set before importing).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
@@ -59,3 +72,8 @@ def default_config(kind: str, dtype: torch.dtype) -> KernelConfig:
     if dtype == torch.float32:
         cfg = replace(cfg, block_d=cfg.block_d // 2)
     return cfg
+
+
+def row_config(device: torch.device) -> RowConfig:
+    """The row kernels' launch settings on ``device``."""
+    return INTERPRETER_ROWS if INTERPRETED else ROWS

@@ -21,10 +21,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def backends():
-    """Fast backends under test: torch always, triton where it can run (CUDA or interpreter)."""
+    """Fast backends under test: torch always, both Triton paths where they can run (CUDA or
+    the interpreter)."""
     names = ["torch"]
     if triton_usable(DEVICE):
-        names.append("triton")
+        names += ["triton", "triton-fused"]
     return names
 
 

@@ -11,7 +11,8 @@ from .base import Backend
 
 _REGISTRY = {
     "torch": "sftkey.backends.torch:TorchBackend",
-    "triton": "sftkey.backends.triton:TritonBackend",
+    "triton": "sftkey.backends.triton_rows:TritonBackend",
+    "triton-fused": "sftkey.backends.triton:FusedTritonBackend",
 }
 
 BACKEND_NAMES = ("auto", "reference", *_REGISTRY)

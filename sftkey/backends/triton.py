@@ -1,4 +1,4 @@
-"""The fused Triton backend: launches :mod:`sftkey.kernels` on CUDA, or on the CPU through
+"""The fused Triton backend (``backend="triton-fused"``): launches :mod:`sftkey.kernels` on CUDA, or on the CPU through
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before importing Triton.
 
 A head's ``rows`` are gathered first (the kernels read contiguous rows of X).
@@ -68,11 +68,13 @@ def _vecmat(v: Tensor, m: Tensor) -> Tensor:
     return out
 
 
-class TritonBackend(Backend):
-    """Fused Triton kernels. ``forward_config``/``backward_config`` override the block shapes
+class FusedTritonBackend(Backend):
+    """Fused Triton kernels, in every pass: the tightest memory (``O(N)`` beyond the
+    gradients), ``8NDV`` for a scalar loss (the generic single pass: forward, then the
+    recompute backward). ``forward_config``/``backward_config`` override the block shapes
     of :mod:`sftkey.kernels.configs`; ``vocab_splits`` fixes the forward's programs per row block."""
 
-    name = "triton"
+    name = "triton-fused"
 
     def __init__(self, forward_config: Optional[KernelConfig] = None,
                  backward_config: Optional[KernelConfig] = None, vocab_splits: Optional[int] = None):

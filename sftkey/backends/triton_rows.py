@@ -1,0 +1,141 @@
+"""The Triton backend (``backend="triton"``): the single pass of a scalar loss with the torch
+backend's structure, its block math in Triton (:mod:`sftkey.kernels.rows`).
+
+Rows go in groups within :data:`sftkey.config.chunk_budget_bytes` (the torch backend's
+:class:`~sftkey.backends.torch._Workspace`). For each group:
+
+1. ``o = X_g W^T`` by ``torch.mm`` (cuBLAS on CUDA) into the group's buffer: float32 from
+   bf16/fp16 inputs where this torch has ``torch.mm(..., out_dtype=torch.float32)`` for the
+   device (checked once per device type), else in the inputs' dtype;
+2. :func:`~sftkey.kernels.rows.row_stats_kernel` reads ``o`` once for the statistics the loss
+   reads; the loss gives the group's upstream gradients;
+3. :func:`~sftkey.kernels.rows.row_grads_kernel` writes ``dz`` over ``o`` in the inputs'
+   dtype (a bf16/fp16 view of a float32 ``o`` keeps its row stride);
+4. ``dX = dz W`` and ``dW += dz^T X_g`` by ``torch.mm``, summed across groups in float32
+   (the torch backend's :class:`~sftkey.backends.torch._Gradients`).
+
+``6NDV`` FLOPs in the matrix products plus three passes over a group's logits; extra memory
+one group's buffer plus, for a bf16/fp16 ``dW`` over several groups, its float32 sum.
+``reduction="none"`` and ``logit_stats`` take the fused kernels' recompute (inherited from
+:class:`~sftkey.backends.triton.FusedTritonBackend`).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sftkey.kernels.configs import RowConfig, row_config
+from sftkey.kernels.rows import row_grads_kernel, row_stats_kernel
+
+from .base import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, StatGrads
+from .torch import _Gradients, _Workspace
+from .triton import FusedTritonBackend, _check
+
+_LOWP = (torch.bfloat16, torch.float16)
+
+
+@lru_cache(maxsize=None)
+def float32_logits(device_type: str) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32, out=...)`` runs on bf16 inputs on
+    this device type (torch 2.8+ on CUDA; not on the CPU)."""
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+    try:
+        _mm_float32(a, a, torch.empty(2, 2, device=device_type))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _mm_float32(a: Tensor, b: Tensor, out: Tensor) -> None:
+    torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def logits_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of a group's logits products: float32 from bf16/fp16 where the device has
+    float32 output, else the inputs' dtype."""
+    return torch.float32 if x.dtype in _LOWP and float32_logits(x.device.type) else x.dtype
+
+
+def _products(x: Tensor, w: Tensor, o: Tensor) -> None:
+    """``o = x w^T`` (``o`` float32 from bf16/fp16 ``x``, or in ``x``'s dtype)."""
+    if o.dtype == x.dtype:
+        torch.mm(x, w.t(), out=o)
+    else:
+        _mm_float32(x, w.t(), o)
+
+
+def _flags(head: Head) -> dict:
+    return dict(HAS_BIAS=head.b is not None, HAS_C=head.c is not None, SOFTCAP=head.softcap is not None)
+
+
+def _launch(cfg: RowConfig) -> dict:
+    return dict(BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
+
+
+class TritonBackend(FusedTritonBackend):
+    """cuBLAS products and Triton row kernels for the single pass (module docstring); the
+    fused kernels for the statistics and their recompute backward. ``row_config`` overrides
+    :func:`sftkey.kernels.configs.row_config`."""
+
+    name = "triton"
+
+    def __init__(self, row_config: Optional[RowConfig] = None, **fused):
+        super().__init__(**fused)
+        self.row_config = row_config
+
+    def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, reads: Reads = Reads(),
+                    filter_eps: Optional[float] = None) -> SinglePassResult:
+        _check(head)
+        x = head.x
+        ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x))
+        out = _Gradients(head, needs, ws)
+        cfg = self.row_config or row_config(x.device)
+        parts, loss = [], 0
+        for group in ws.groups(head.y.shape[0]):
+            xg = ws.hidden(head, group)
+            o = ws.out[: group.stop - group.start]
+            _products(xg, head.w, o)
+            stats = self._stats(head, group, o, reads, cfg)
+            part = block_loss(group, stats)
+            loss = loss + part.loss
+            if any(needs):
+                dz = o if o.dtype == x.dtype else o.view(x.dtype)[:, : o.shape[1]]
+                self._dz(head, group, o, dz, stats, part.grads, cfg)
+                out.add(group, dz, xg)
+            parts.append(stats)
+        return SinglePassResult(loss, RowStats.cat(parts), *out.result())
+
+    @staticmethod
+    def _stats(head: Head, group: slice, o: Tensor, reads: Reads, cfg: RowConfig) -> RowStats:
+        """The statistics of a group's logits ``o`` (``S``, ``Z``, argmax None where not read)."""
+        rows, dev = o.shape[0], o.device
+        lse, zy = (torch.empty(rows, dtype=torch.float32, device=dev) for _ in range(2))
+        S = torch.empty_like(lse) if reads.expected_logit else None
+        Z = torch.empty_like(lse) if reads.weighted_logit_sum else None
+        argmax = torch.empty(rows, dtype=torch.int64, device=dev) if reads.argmax else None
+        row_stats_kernel[(rows,)](
+            o, o.stride(0), head.b if head.b is not None else o, head.y[group],
+            head.c if head.c is not None else lse, lse, zy,
+            *(t if t is not None else lse for t in (S, Z, argmax)),
+            o.shape[1], float(head.softcap or 1.0),
+            HAS_S=S is not None, HAS_Z=Z is not None, ARGMAX=argmax is not None,
+            **_flags(head), **_launch(cfg))
+        return RowStats(lse, zy, S, Z, argmax)
+
+    @staticmethod
+    def _dz(head: Head, group: slice, o: Tensor, dz: Tensor, stats: RowStats, grads: StatGrads,
+            cfg: RowConfig) -> None:
+        """``dz`` of a group from its logits ``o`` and upstream ``grads``, into ``dz``."""
+        g = [None if t is None else t.float().contiguous() for t in grads]
+        dummy = stats.lse
+        row_grads_kernel[(o.shape[0],)](
+            o, o.stride(0), dz, dz.stride(0), head.b if head.b is not None else o, head.y[group],
+            head.c if head.c is not None else dummy, stats.lse,
+            stats.expected_logit if stats.expected_logit is not None else dummy,
+            *(t if t is not None else dummy for t in g),
+            o.shape[1], float(head.softcap or 1.0),
+            HAS_GLSE=g[0] is not None, HAS_GZY=g[1] is not None, HAS_GS=g[2] is not None,
+            HAS_GZ=g[3] is not None, **_flags(head), **_launch(cfg))
