@@ -40,8 +40,6 @@ class KernelConfig:
     group_n: int = 8
 
 
-HOPPER_FORWARD = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-HOPPER_BACKWARD = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 INTERPRETER = KernelConfig(block_n=16, block_v=32, block_d=32, num_warps=1, num_stages=1,
                            occupancy=0, group_n=2)
 
@@ -55,8 +53,44 @@ class RowConfig:
     num_warps: int = 8
 
 
-ROWS = RowConfig(block_v=2048, num_warps=8)
 INTERPRETER_ROWS = RowConfig(block_v=64, num_warps=1)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The launch settings of one GPU generation (compute capability ``major * 10 + minor``)
+    and its shared memory per block (the opt-in maximum)."""
+
+    capability: int
+    shared_bytes: int
+    forward: KernelConfig
+    backward: KernelConfig
+    rows: RowConfig
+
+    def fused(self, kind: str, float32: bool) -> KernelConfig:
+        """The fused ``kind`` ("forward"/"backward") kernel's settings; float32 inputs halve
+        ``block_d`` so the pipelined slices of X and W take the same shared memory."""
+        cfg = self.forward if kind == "forward" else self.backward
+        return replace(cfg, block_d=cfg.block_d // 2) if float32 else cfg
+
+
+_KIB = 1024
+_LARGE = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+_ROWS = RowConfig(block_v=2048, num_warps=8)
+_SMALL_SHARED = Generation(86, 99 * _KIB, replace(_LARGE, block_v=64, num_stages=2),
+                           replace(_LARGE, block_n=64, num_stages=2), _ROWS)
+
+#: By compute capability. Shared memory per block: 163 KiB on sm_80 (A100) and 227 KiB on
+#: sm_90 (H100/H200), torch's own figures for those parts (166912 and 232448 bytes in
+#: ``torch.testing._internal.inductor_utils``); 99 KiB on sm_86/sm_89 and 227 KiB on sm_100,
+#: the CUDA programming guide's table.
+GENERATIONS = {
+    80: Generation(80, 163 * _KIB, _LARGE, replace(_LARGE, num_stages=2), _ROWS),
+    86: _SMALL_SHARED,
+    89: replace(_SMALL_SHARED, capability=89),
+    90: Generation(90, 227 * _KIB, _LARGE, _LARGE, _ROWS),
+    100: Generation(100, 227 * _KIB, _LARGE, _LARGE, _ROWS),
+}
 
 
 #: Whether the kernels run in Triton's interpreter. Read once, at import, as ``triton.jit`` does
@@ -64,16 +98,20 @@ INTERPRETER_ROWS = RowConfig(block_v=64, num_warps=1)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
-def default_config(kind: str, dtype: torch.dtype) -> KernelConfig:
-    """The launch settings for ``kind`` ("forward" or "backward") and the inputs' ``dtype``."""
+def generation(device: torch.device):
+    """The :class:`Generation` of a CUDA ``device``, or None for one not in :data:`GENERATIONS`."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return GENERATIONS.get(major * 10 + minor)
+
+
+def default_config(kind: str, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    """The launch settings for ``kind`` ("forward" or "backward") and the inputs' ``dtype`` on
+    ``device`` (a CUDA device of a known generation, or the CPU under the interpreter)."""
     if INTERPRETED:
         return INTERPRETER
-    cfg = HOPPER_FORWARD if kind == "forward" else HOPPER_BACKWARD
-    if dtype == torch.float32:
-        cfg = replace(cfg, block_d=cfg.block_d // 2)
-    return cfg
+    return generation(device).fused(kind, dtype == torch.float32)
 
 
 def row_config(device: torch.device) -> RowConfig:
-    """The row kernels' launch settings on ``device``."""
-    return INTERPRETER_ROWS if INTERPRETED else ROWS
+    """The row kernels' launch settings on ``device`` (as :func:`default_config`)."""
+    return INTERPRETER_ROWS if INTERPRETED else generation(device).rows

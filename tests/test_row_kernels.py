@@ -7,6 +7,7 @@ exercised alone and together. Compiled on CUDA, interpreted on the CPU (small sh
 interpreter's 64-column chunks leave a partial chunk at every V below), skipped elsewhere.
 """
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -169,3 +170,41 @@ def test_compiled_at_larger_shapes(dtype, case):
     logits products where torch has them."""
     head = make(dtype, **case)
     check(head, upstream(head.x.shape[0]))
+
+
+def _linear_loss_and_grads(head, backend):
+    got = run(head, upstream(head.x.shape[0]), backend=backend)
+    return got.loss, got.dx, got.dw, got.db
+
+
+def test_out_of_resources_falls_back_to_torch_once(monkeypatch):
+    """Triton's OutOfResources at a launch: one warning, then the torch backend's results."""
+    from triton.runtime.errors import OutOfResources
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300 * 1024, 227 * 1024, "shared memory")
+            return launch
+
+    monkeypatch.setattr(rows_backend, "row_stats_kernel", Refuses())
+    head = make(torch.float32, n=20, v=100)
+    backend = TritonBackend()
+    with pytest.warns(RuntimeWarning, match="out of resource.*backend='torch'"):
+        got = _linear_loss_and_grads(head, backend)
+    want = _linear_loss_and_grads(head, torch_backend.TorchBackend())
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _linear_loss_and_grads(head, backend)
+
+
+def test_unknown_gpu_falls_back_to_torch(monkeypatch):
+    """A device without block shapes (an unknown GPU generation) runs the torch backend, warned."""
+    sftkey_triton = importlib.import_module("sftkey.backends.triton")
+    monkeypatch.setattr(sftkey_triton, "known_gpu", lambda device: False)
+    head = make(torch.float32, n=20, v=100)
+    with pytest.warns(RuntimeWarning, match="no block shapes"):
+        got = TritonBackend().forward(head)
+    assert torch.equal(got.lse, torch_backend.TorchBackend().forward(head).lse)

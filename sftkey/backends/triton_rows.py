@@ -32,7 +32,7 @@ from sftkey.kernels.rows import row_grads_kernel, row_stats_kernel
 
 from .base import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, StatGrads
 from .torch import _Gradients, _Workspace
-from .triton import FusedTritonBackend, _check
+from .triton import FusedTritonBackend, _check, or_torch
 
 _LOWP = (torch.bfloat16, torch.float16)
 
@@ -86,6 +86,7 @@ class TritonBackend(FusedTritonBackend):
         super().__init__(**fused)
         self.row_config = row_config
 
+    @or_torch
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, reads: Reads = Reads(),
                     filter_eps: Optional[float] = None) -> SinglePassResult:
         _check(head)
