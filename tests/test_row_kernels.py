@@ -130,11 +130,19 @@ def test_statistics_only_where_read(reads):
     check(head, upstream(20, which), reads=reads)
 
 
+@pytest.mark.parametrize("sums", ["staged", "addmm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_several_groups(dtype, logits, monkeypatch):
-    """Groups of 16 or 32 rows (a bf16 dW summed in the float32 buffer), and gathered rows."""
-    if logits == "float32" and dtype == torch.float32:
-        pytest.skip("float32 inputs have float32 products already")
+def test_several_groups(dtype, logits, sums, monkeypatch):
+    """Groups of 16 or 32 rows (a bf16 dW summed in the float32 buffer: through the staging
+    slices, or by a float32-output addmm per group, emulated where the device lacks it), and
+    gathered rows."""
+    if dtype == torch.float32 and (logits == "float32" or sums == "addmm"):
+        pytest.skip("float32 inputs have float32 products and sums already")
+    if sums == "staged":
+        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type: False)
+    elif not rows_backend.float32_sums(KERNEL_DEVICE.type):
+        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type: True)
+        monkeypatch.setattr(rows_backend, "_addmm_float32", lambda c, a, b: c.addmm_(a.float(), b.float()))
     monkeypatch.setattr(config, "chunk_budget_bytes", 16 * 300 * 4)
     head = make(dtype, n=150, d=16, v=300, class_weights=True)
     assert torch_backend._Workspace(head, False, True, out_dtype=logits_dtype(head.x)).group_rows < 150

@@ -12,7 +12,8 @@ Rows go in groups within :data:`sftkey.config.chunk_budget_bytes` (the torch bac
 3. :func:`~sftkey.kernels.rows.row_grads_kernel` writes ``dz`` over ``o`` in the inputs'
    dtype (a bf16/fp16 view of a float32 ``o`` keeps its row stride);
 4. ``dX = dz W`` and ``dW += dz^T X_g`` by ``torch.mm``, summed across groups in float32
-   (the torch backend's :class:`~sftkey.backends.torch._Gradients`).
+   (the torch backend's :class:`~sftkey.backends.torch._Gradients`; a bf16/fp16 ``dW`` by one
+   float32-output ``addmm`` per group where the device has it).
 
 ``6NDV`` FLOPs in the matrix products plus three passes over a group's logits; extra memory
 one group's buffer plus, for a bf16/fp16 ``dW`` over several groups, its float32 sum.
@@ -53,6 +54,25 @@ def _mm_float32(a: Tensor, b: Tensor, out: Tensor) -> None:
     torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
+def _addmm_float32(c: Tensor, a: Tensor, b: Tensor) -> None:
+    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+
+
+@lru_cache(maxsize=None)
+def float32_sums(device_type: str) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` adds bf16 products into a
+    float32 ``c`` in place on this device type, checked on a small product against its float32 value."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=g).to(device_type, torch.bfloat16)
+    c = torch.randn(16, 16, generator=g).to(device_type)
+    want = c + a.float() @ a.float()
+    try:
+        _addmm_float32(c, a, a)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(c, want, rtol=1e-4, atol=1e-4)
+
+
 def logits_dtype(x: Tensor) -> torch.dtype:
     """The dtype of a group's logits products: float32 from bf16/fp16 where the device has
     float32 output, else the inputs' dtype."""
@@ -65,6 +85,22 @@ def _products(x: Tensor, w: Tensor, o: Tensor) -> None:
         torch.mm(x, w.t(), out=o)
     else:
         _mm_float32(x, w.t(), o)
+
+
+class _Gradients32(_Gradients):
+    """The torch backend's gradients, but a bf16/fp16 ``dW`` over several groups adds each group's
+    product straight into its float32 sum where :func:`float32_sums` holds (one product per
+    group, no staging through small slices)."""
+
+    def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
+        if self.sum is None or not float32_sums(dz.device.type):
+            super()._add_staged(dz, x, last)
+            return
+        if self.first:
+            self.sum.zero_()
+        _addmm_float32(self.sum, dz.t(), x)
+        if last:
+            self.dw.copy_(self.sum)
 
 
 def _flags(head: Head) -> dict:
@@ -92,7 +128,7 @@ class TritonBackend(FusedTritonBackend):
         _check(head)
         x = head.x
         ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x))
-        out = _Gradients(head, needs, ws)
+        out = _Gradients32(head, needs, ws)
         cfg = self.row_config or row_config(x.device)
         parts, loss = [], 0
         for group in ws.groups(head.y.shape[0]):
