@@ -47,11 +47,11 @@ def logits(request, monkeypatch):
     """The logits products in the inputs' dtype, or float32 from bf16/fp16 (dz then overlays
     them in a narrower dtype). Without ``torch.mm(out_dtype=)`` on the device (the CPU) the
     float32 products are emulated from up-cast operands."""
-    if request.param == "float32" and not float32_logits(KERNEL_DEVICE.type):
-        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type: True)
+    if request.param == "float32" and not float32_logits(KERNEL_DEVICE.type, torch.bfloat16):
+        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type, dtype: True)
         monkeypatch.setattr(rows_backend, "_mm_float32", lambda a, b, out: torch.mm(a.float(), b.float(), out=out))
     elif request.param == "inputs":
-        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type: False)
+        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type, dtype: False)
     return request.param
 
 
@@ -139,9 +139,9 @@ def test_several_groups(dtype, logits, sums, monkeypatch):
     if dtype == torch.float32 and (logits == "float32" or sums == "addmm"):
         pytest.skip("float32 inputs have float32 products and sums already")
     if sums == "staged":
-        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type: False)
-    elif not rows_backend.float32_sums(KERNEL_DEVICE.type):
-        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type: True)
+        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type, dtype: False)
+    elif not rows_backend.float32_sums(KERNEL_DEVICE.type, dtype):
+        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type, dtype: True)
         monkeypatch.setattr(rows_backend, "_addmm_float32", lambda c, a, b: c.addmm_(a.float(), b.float()))
     monkeypatch.setattr(config, "chunk_budget_bytes", 16 * 300 * 4)
     head = make(dtype, n=150, d=16, v=300, class_weights=True)

@@ -39,10 +39,10 @@ _LOWP = (torch.bfloat16, torch.float16)
 
 
 @lru_cache(maxsize=None)
-def float32_logits(device_type: str) -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=torch.float32, out=...)`` runs on bf16 inputs on
-    this device type (torch 2.8+ on CUDA; not on the CPU)."""
-    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+def float32_logits(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32, out=...)`` runs on ``dtype`` (bf16 or
+    fp16) inputs on this device type (recent torch on CUDA; not on the CPU)."""
+    a = torch.ones(2, 2, dtype=dtype, device=device_type)
     try:
         _mm_float32(a, a, torch.empty(2, 2, device=device_type))
     except (TypeError, RuntimeError, NotImplementedError):
@@ -59,11 +59,12 @@ def _addmm_float32(c: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 @lru_cache(maxsize=None)
-def float32_sums(device_type: str) -> bool:
-    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` adds bf16 products into a
-    float32 ``c`` in place on this device type, checked on a small product against its float32 value."""
+def float32_sums(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` adds ``dtype`` products
+    into a float32 ``c`` in place on this device type, checked on a small product against its
+    float32 value."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(16, 16, generator=g).to(device_type, torch.bfloat16)
+    a = torch.randn(16, 16, generator=g).to(device_type, dtype)
     c = torch.randn(16, 16, generator=g).to(device_type)
     want = c + a.float() @ a.float()
     try:
@@ -76,7 +77,7 @@ def float32_sums(device_type: str) -> bool:
 def logits_dtype(x: Tensor) -> torch.dtype:
     """The dtype of a group's logits products: float32 from bf16/fp16 where the device has
     float32 output, else the inputs' dtype."""
-    return torch.float32 if x.dtype in _LOWP and float32_logits(x.device.type) else x.dtype
+    return torch.float32 if x.dtype in _LOWP and float32_logits(x.device.type, x.dtype) else x.dtype
 
 
 def _products(x: Tensor, w: Tensor, o: Tensor) -> None:
@@ -93,7 +94,7 @@ class _Gradients32(_Gradients):
     group, no staging through small slices)."""
 
     def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
-        if self.sum is None or not float32_sums(dz.device.type):
+        if self.sum is None or not float32_sums(dz.device.type, dz.dtype):
             super()._add_staged(dz, x, last)
             return
         if self.first:
