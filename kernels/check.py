@@ -29,7 +29,6 @@ from .forward import forward_kernel
 from .rows import row_grads_kernel, row_stats_kernel
 
 _INDEX = {"y", "amax_i_out", "argmax_out"}
-_INPUTS = {"x", "w", "b", "o", "dz"}
 _SCALARS = {"N": "i32", "V": "i32", "D": "i32", "tiles_per_split": "i32", "stride_o": "i64", "stride_dz": "i64",
             "softcap": "fp32", "filter_eps": "fp32"}
 _FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, TOPK=8, K_PAD=8, HAS_GLSE=True, HAS_GS=True,
@@ -37,7 +36,9 @@ _FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, TOPK=8, K_PAD=8, HAS_GLSE
               HAS_S=True, HAS_Z=True, ARGMAX=True, HAS_GZY=True, HAS_GZ=True, UPCAST=False, DOT_PREC="tf32")
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> dict:
+def _signature(fn, pointers: dict, constexprs: dict) -> dict:
+    """Triton's signature of ``fn``: ``pointers`` gives the element type of some pointer
+    arguments; the others point to float32 (int64 for indices)."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -45,7 +46,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
         elif name in _SCALARS:
             sig[name] = _SCALARS[name]
         else:
-            sig[name] = "*i64" if name in _INDEX else f"*{dtype}" if name in _INPUTS else "*fp32"
+            sig[name] = "*i64" if name in _INDEX else f"*{pointers.get(name, 'fp32')}"
     return sig
 
 
@@ -71,7 +72,9 @@ def _usage(ptx: str, capability: int) -> dict:
 
 
 def kernel_cases(gen: Generation):
-    """``(name, kernel, dtype, constexprs, options)`` for every kernel at ``gen``'s settings."""
+    """``(name, kernel, pointer types, constexprs, options)`` for every kernel at ``gen``'s
+    settings: the fused kernels on bf16 and on float32 inputs, the row kernels on float32
+    logits of bf16 inputs (``dz`` written in bf16), the single pass's path on CUDA."""
     for dtype in ("bf16", "fp32"):
         for name, fn in (("forward", forward_kernel), ("backward", backward_kernel)):
             cfg = gen.fused(name, dtype == "fp32")
@@ -79,20 +82,21 @@ def kernel_cases(gen: Generation):
             consts.update(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
             if "GROUP_N" in fn.arg_names:
                 consts["GROUP_N"] = cfg.group_n
-            yield f"{name}/{dtype}", fn, dtype, consts, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            yield (f"{name}/{dtype}", fn, dict.fromkeys(("x", "w", "b"), dtype), consts,
+                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     for name, fn in (("row_stats", row_stats_kernel), ("row_grads", row_grads_kernel)):
         consts = {k: v for k, v in _FLAGS.items() if k in fn.arg_names}
         consts["BLOCK_V"] = gen.rows.block_v
-        yield f"{name}/fp32", fn, "fp32", consts, dict(num_warps=gen.rows.num_warps)
+        yield f"{name}/bf16", fn, dict(o="fp32", b="bf16", dz="bf16"), consts, dict(num_warps=gen.rows.num_warps)
 
 
 def check(gen: Generation) -> list:
     """One row per kernel of ``gen``: shared memory, registers, spills, and whether it is within budget."""
     rows = []
-    for name, fn, dtype, consts, options in kernel_cases(gen):
+    for name, fn, pointers, consts, options in kernel_cases(gen):
         row = {"capability": gen.capability, "kernel": name}
         try:
-            compiled = triton.compile(ASTSource(fn, _signature(fn, dtype, consts), constexprs=consts),
+            compiled = triton.compile(ASTSource(fn, _signature(fn, pointers, consts), constexprs=consts),
                                       target=GPUTarget("cuda", gen.capability, 32), options=options)
             row.update(shared=compiled.metadata.shared, **_usage(compiled.asm["ptx"], gen.capability))
             row["ok"] = row["spill_bytes"] == 0 and row["shared"] <= gen.shared_bytes
