@@ -62,9 +62,11 @@ class _Workspace:
     slice into ``w32``.
 
     ``out_dtype`` given (the Triton single pass): ``out`` takes that dtype, the products are
-    the caller's and no float32 blocks are allocated (the caller's kernels do the block math)."""
+    the caller's and no float32 blocks are allocated (the caller's kernels do the block math);
+    ``budget`` then replaces :data:`sftkey.config.chunk_budget_bytes`."""
 
-    def __init__(self, head: Head, two_buffers: bool, dw: bool = False, out_dtype: Optional[torch.dtype] = None):
+    def __init__(self, head: Head, two_buffers: bool, dw: bool = False, out_dtype: Optional[torch.dtype] = None,
+                 budget: Optional[int] = None):
         x, w = head.x, head.w
         n, (V, D) = head.y.shape[0], w.shape
         self.acc = accumulation_dtype(x.dtype)
@@ -73,7 +75,7 @@ class _Workspace:
         if blocks:
             out_dtype = self.acc if self.upcast else x.dtype
         out_size = out_dtype.itemsize
-        budget = config.chunk_budget_bytes
+        budget = budget or config.chunk_budget_bytes
         one_group = dw and x.dtype != self.acc and n * V * out_size <= budget + w.numel() * 4
         self.group_rows = n if one_group else _rows(budget, V * out_size, n)
         self.block_rows = _rows(budget // _BLOCK_SHARE, V * 4, self.group_rows)

@@ -1,7 +1,8 @@
 """The Triton backend (``backend="triton"``): the single pass of a scalar loss with the torch
 backend's structure, its block math in Triton (:mod:`sftkey.kernels.rows`).
 
-Rows go in groups within :data:`sftkey.config.chunk_budget_bytes` (the torch backend's
+Rows go in groups within :data:`sftkey.config.chunk_budget_bytes`, on CUDA at least the bytes
+of a float32 ``dW`` (:func:`group_budget`; the torch backend's
 :class:`~sftkey.backends.torch._Workspace`). For each group:
 
 1. ``o = X_g W^T`` by ``torch.mm`` (cuBLAS on CUDA) into the group's buffer: float32 from
@@ -16,7 +17,8 @@ Rows go in groups within :data:`sftkey.config.chunk_budget_bytes` (the torch bac
    float32-output ``addmm`` per group where the device has it).
 
 ``6NDV`` FLOPs in the matrix products plus three passes over a group's logits; extra memory
-one group's buffer plus, for a bf16/fp16 ``dW`` over several groups, its float32 sum.
+one group's buffer plus, for a bf16/fp16 ``dW`` over several groups, its float32 sum: on CUDA
+at most twice the larger of the chunk budget and the float32 ``dW``'s ``4VD`` bytes.
 ``reduction="none"`` and ``logit_stats`` take the fused kernels' recompute (inherited from
 :class:`~sftkey.backends.triton.FusedTritonBackend`).
 """
@@ -28,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sftkey import config
 from sftkey.kernels.configs import RowConfig, row_config
 from sftkey.kernels.rows import row_grads_kernel, row_stats_kernel
 
@@ -104,6 +107,14 @@ class _Gradients32(_Gradients):
             self.dw.copy_(self.sum)
 
 
+def group_budget(head: Head) -> int:
+    """Bytes of one group's logits: the chunk budget, and on CUDA at least the float32 ``dW``
+    buffer's ``4VD``, so that the buffer is rewritten at most ``4NV / (4VD) = N / D`` times
+    and each ``dW`` product sums over ``>= D`` rows (rather than the CPU budget's few dozen)."""
+    budget = config.chunk_budget_bytes
+    return max(budget, head.w.numel() * 4) if head.x.is_cuda else budget
+
+
 def _flags(head: Head) -> dict:
     return dict(HAS_BIAS=head.b is not None, HAS_C=head.c is not None, SOFTCAP=head.softcap is not None)
 
@@ -128,7 +139,7 @@ class TritonBackend(FusedTritonBackend):
                     filter_eps: Optional[float] = None) -> SinglePassResult:
         _check(head)
         x = head.x
-        ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x))
+        ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x), budget=group_budget(head))
         out = _Gradients32(head, needs, ws)
         cfg = self.row_config or row_config(x.device)
         parts, loss = [], 0
