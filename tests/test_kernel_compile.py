@@ -23,6 +23,7 @@ def test_kernels_compile_within_budget(capability, tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, "-m", "sftkey.kernels.check", str(capability), "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=1800)
+    print(proc.stdout)
     assert out.exists(), proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 6, rows  # forward and backward in bf16 and fp32, the two row kernels
