@@ -62,7 +62,7 @@ fi
 
 status=0
 log "installing the benchmark peers (--no-deps)"
-if ! timeout 60 "$PY" -m pip install --no-deps cut-cross-entropy liger-kernel > "$OUT/pip.txt" 2>&1; then
+if ! timeout 50 "$PY" -m pip install --no-deps cut-cross-entropy liger-kernel > "$OUT/pip.txt" 2>&1; then
     log "peers not installed (pip.txt); the benchmark reports them as not installed"
 fi
 
@@ -81,7 +81,7 @@ log "compile check (rc=$rc): $(tr '\n' ';' < "$OUT/compile-check.txt" | tail -c 
 # one run per model, so that a run cut short by its timeout leaves the other's results
 for MODEL in Llama-3-8B Gemma-2-2B; do
     log "benchmark: $MODEL at N=4096 and 16384 (the gpu-check preset's cases), 4 s per implementation and case"
-    timeout -s INT -k 10 115 "$PY" -m bench --model "$MODEL" --n 4096 16384 --dtype bf16 --repeats 3 --time-budget 4 \
+    timeout -s INT -k 10 110 "$PY" -m bench --model "$MODEL" --n 4096 16384 --dtype bf16 --repeats 3 --time-budget 4 \
         --impl sftkey-triton,sftkey-triton-fused,sftkey-torch,torch-eager,torch-compile,torch-lce,cce,liger \
         --out "$OUT/bench" > "$OUT/bench-$MODEL.txt" 2>&1
     rc=$?
