@@ -115,11 +115,16 @@ def _gpu(dtype: str) -> list:
     return [Case(n, d, v, dtype, model) for model, (d, v) in MODELS.items() for n in (4096, 8192, 16384)]
 
 
+def _gpu_check(dtype: str) -> list:
+    return [Case(n, *MODELS[model], dtype, model) for model in ("Llama-3-8B", "Gemma-2-2B") for n in (4096, 16384)]
+
+
 #: Preset name -> cases for a dtype. ``cpu-default``: two small shapes, a minute or two on a
 #: 2-core CPU; ``cpu-large``: D=1024, V=32768 at N=2048 and 4096, Llama-3-8B's head at N=1024
 #: (bf16), and the first again in fp32 (fixed dtypes); ``gpu``: every benchmark model at
-#: N=4096, 8192 and 16384.
-PRESETS = {"cpu-default": _cpu_default, "cpu-large": _cpu_large, "gpu": _gpu}
+#: N=4096, 8192 and 16384; ``gpu-check``: Llama-3-8B and Gemma-2-2B at N=4096 and 16384
+#: (``scripts/gpu-check.sh``).
+PRESETS = {"cpu-default": _cpu_default, "cpu-large": _cpu_large, "gpu": _gpu, "gpu-check": _gpu_check}
 
 
 def model_cases(name: str, ns: list, dtype: str) -> list:

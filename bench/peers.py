@@ -195,6 +195,7 @@ def _cuda_device(device: torch.device) -> Optional[str]:
 
 IMPLS = {impl.name: impl for impl in (
     Impl("sftkey-triton", _sftkey("triton"), device_skip=_triton_device),
+    Impl("sftkey-triton-fused", _sftkey("triton-fused"), device_skip=_triton_device),
     Impl("sftkey-torch", _sftkey("torch")),
     Impl("torch-eager", lambda opts, device: eager_loss(opts)),
     Impl("torch-compile", _compiled),

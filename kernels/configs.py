@@ -1,20 +1,22 @@
-"""Block shapes and launch settings of the kernels.
+"""Block shapes and launch settings of the kernels, per GPU generation.
 
-The Hopper (H100/H200) defaults below are educated choices, not measurements: they were
-picked without GPU access (no GPU on the build machines), from the shared-memory budget
-(228 KiB per SM) and the shapes Cut Cross-Entropy and Liger ship with. Re-tune them with
-``bench/`` on a GPU and record the measured choice here.
+The shapes are choices made without a GPU (none on the build machines), not measurements:
+the largest tiles that :mod:`.check` (Triton's compiler and bundled ptxas, on the CPU)
+compiles without register spills under the heaviest flags (bias, class weights, soft-cap,
+top-8, every gradient term dense) and within each generation's shared memory per block.
+128 x 128 logits tiles spilled there on sm_90 (forward 700 bytes, backward 3960) and
+64 x 128 ones still did in the backward; 64 x 64 tiles do not. The mma.sync generations
+(sm_80, sm_86/89) take 32-wide operand slices in the backward (64-wide ones spilled 64 bytes
+on sm_86). Re-tune them with ``bench/`` on a GPU and record the measured choice here.
 
-* forward: a ``BLOCK_N x BLOCK_V`` logits tile, ``BLOCK_D``-wide operand slices; 3 stages of
-  a 128 x 64 bf16 slice of X and of W is 96 KiB of shared memory.
-* backward: same logits tile, then ``dz`` (cast to the input dtype, 32 KiB) times slices of
-  W and X; 128 x 128 keeps the fp32 ``dz`` tile at 64 registers per thread with 8 warps.
-* float32 inputs halve ``BLOCK_D`` so the pipelined slices still fit (their products are exact
-  fp32 FMAs, no tensor cores, unless torch's float32 matmul precision allows TF32).
-
-Checked on the CPU by compiling for sm_90 with Triton 3.9's bundled ptxas: both kernels use
-wgmma with cp.async pipelining for bf16/fp16, no register spills; forward 96 KiB and backward
-160 KiB of shared memory.
+* forward: a ``BLOCK_N x BLOCK_V`` logits tile from ``BLOCK_D``-wide operand slices of X
+  and W, ``num_stages`` of them in flight.
+* backward: the same tile, then ``dz`` (cast to the input dtype) times slices of W and X.
+* float32 inputs halve ``BLOCK_D`` so the pipelined slices take the same shared memory
+  (their products are exact fp32 FMAs, no tensor cores, unless torch's float32 matmul
+  precision allows TF32).
+* row kernels (:mod:`.rows`, the single pass): one program per row, ``block_v`` columns at
+  a time; memory-bound, no shared memory beyond the reductions'.
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU) every op runs in NumPy, so the
 blocks are small (and ``tl.dot`` needs every dimension >= 16).
@@ -40,10 +42,56 @@ class KernelConfig:
     group_n: int = 8
 
 
-HOPPER_FORWARD = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-HOPPER_BACKWARD = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 INTERPRETER = KernelConfig(block_n=16, block_v=32, block_d=32, num_warps=1, num_stages=1,
                            occupancy=0, group_n=2)
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Launch settings of the row kernels (:mod:`.rows`): one program per row, ``block_v``
+    columns per chunk."""
+
+    block_v: int
+    num_warps: int = 8
+
+
+INTERPRETER_ROWS = RowConfig(block_v=64, num_warps=1)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The launch settings of one GPU generation (compute capability ``major * 10 + minor``)
+    and its shared memory per block (the opt-in maximum)."""
+
+    capability: int
+    shared_bytes: int
+    forward: KernelConfig
+    backward: KernelConfig
+    rows: RowConfig
+
+    def fused(self, kind: str, float32: bool) -> KernelConfig:
+        """The fused ``kind`` ("forward"/"backward") kernel's settings; float32 inputs halve
+        ``block_d`` so the pipelined slices of X and W take the same shared memory."""
+        cfg = self.forward if kind == "forward" else self.backward
+        return replace(cfg, block_d=cfg.block_d // 2) if float32 else cfg
+
+
+_KIB = 1024
+_TILE = KernelConfig(block_n=64, block_v=64, block_d=64, num_warps=8, num_stages=3)
+_ROWS = RowConfig(block_v=2048, num_warps=8)
+_SMALL_SHARED = Generation(86, 99 * _KIB, replace(_TILE, num_stages=2), replace(_TILE, block_d=32, num_stages=2), _ROWS)
+
+#: By compute capability. Shared memory per block: 163 KiB on sm_80 (A100) and 227 KiB on
+#: sm_90 (H100/H200), torch's own figures for those parts (166912 and 232448 bytes in
+#: ``torch.testing._internal.inductor_utils``); 99 KiB on sm_86/sm_89 and 227 KiB on sm_100,
+#: the CUDA programming guide's table.
+GENERATIONS = {
+    80: Generation(80, 163 * _KIB, _TILE, replace(_TILE, block_d=32), _ROWS),
+    86: _SMALL_SHARED,
+    89: replace(_SMALL_SHARED, capability=89),
+    90: Generation(90, 227 * _KIB, _TILE, _TILE, _ROWS),
+    100: Generation(100, 227 * _KIB, _TILE, _TILE, _ROWS),
+}
 
 
 #: Whether the kernels run in Triton's interpreter. Read once, at import, as ``triton.jit`` does
@@ -51,11 +99,20 @@ INTERPRETER = KernelConfig(block_n=16, block_v=32, block_d=32, num_warps=1, num_
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
-def default_config(kind: str, dtype: torch.dtype) -> KernelConfig:
-    """The launch settings for ``kind`` ("forward" or "backward") and the inputs' ``dtype``."""
+def generation(device: torch.device):
+    """The :class:`Generation` of a CUDA ``device``, or None for one not in :data:`GENERATIONS`."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return GENERATIONS.get(major * 10 + minor)
+
+
+def default_config(kind: str, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    """The launch settings for ``kind`` ("forward" or "backward") and the inputs' ``dtype`` on
+    ``device`` (a CUDA device of a known generation, or the CPU under the interpreter)."""
     if INTERPRETED:
         return INTERPRETER
-    cfg = HOPPER_FORWARD if kind == "forward" else HOPPER_BACKWARD
-    if dtype == torch.float32:
-        cfg = replace(cfg, block_d=cfg.block_d // 2)
-    return cfg
+    return generation(device).fused(kind, dtype == torch.float32)
+
+
+def row_config(device: torch.device) -> RowConfig:
+    """The row kernels' launch settings on ``device`` (as :func:`default_config`)."""
+    return INTERPRETER_ROWS if INTERPRETED else generation(device).rows

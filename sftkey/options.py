@@ -26,7 +26,7 @@ class HeadOptions:
     * ``class_weights`` ``[V]``: torch's ``weight=`` of ``F.cross_entropy`` (``c`` in ``Z = sum_j c_j z_j``).
     * ``softcap``: ``z <- softcap * tanh(z / softcap)`` (> 0), or None.
     * ``ignore_index``: the target value of tokens without a loss.
-    * ``backend``: "auto", "torch", "triton", "reference", or a :class:`~sftkey.backends.base.Backend`.
+    * ``backend``: "auto", "torch", "triton", "triton-fused", "reference", or a :class:`~sftkey.backends.base.Backend`.
     * ``filter_eps``: skip gradient tiles whose probabilities are all below it (triton; None: exact).
     """
 

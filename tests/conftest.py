@@ -17,14 +17,36 @@ from sftkey.testing import TOLERANCE, assert_close, rel_err  # noqa: E402,F401  
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+def _kernel_device():
+    """Where the Triton kernels run in this session: compiled on CUDA, interpreted on the CPU
+    (``TRITON_INTERPRET=1`` set before triton was imported), else nowhere (None)."""
+    try:
+        from sftkey.kernels import INTERPRETED
+    except ImportError:
+        return None
+    if torch.cuda.is_available() and not INTERPRETED:
+        return torch.device("cuda")
+    return torch.device("cpu") if INTERPRETED else None
+
+
+KERNEL_DEVICE = _kernel_device()
+#: For the tests of the kernels themselves: compiled on CUDA, interpreted on CPU, else skipped.
+needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None, reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 "
+                                   "set before triton is imported (tests/conftest.py does so without CUDA)")
+#: With the `gpu` marker (pyproject.toml), for the tests that only mean something compiled on a GPU.
+needs_cuda = pytest.mark.skipif(KERNEL_DEVICE is None or KERNEL_DEVICE.type != "cuda",
+                                reason="needs a CUDA device (compiled Triton kernels)")
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def backends():
-    """Fast backends under test: torch always, triton where it can run (CUDA or interpreter)."""
+    """Fast backends under test: torch always, both Triton paths where they can run (CUDA or
+    the interpreter)."""
     names = ["torch"]
     if triton_usable(DEVICE):
-        names.append("triton")
+        names += ["triton", "triton-fused"]
     return names
 
 

@@ -18,11 +18,12 @@ pytestmark = [pytest.mark.slow,
 SCRIPT = textwrap.dedent("""
     import json, sys, torch, sftkey
     backend, reduction, n, d, v = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-    if backend == "triton":  # big interpreter tiles: few programs, so the interpreter is quick
+    if backend.startswith("triton"):  # big interpreter tiles: few programs, so the interpreter is quick
         from sftkey.backends import get_backend
-        from sftkey.kernels.configs import KernelConfig
-        be = get_backend("triton", torch.device("cpu"))
+        from sftkey.kernels.configs import KernelConfig, RowConfig
+        be = get_backend(backend, torch.device("cpu"))
         be.forward_config = be.backward_config = KernelConfig(block_n=64, block_v=256, block_d=16)
+        be.row_config = RowConfig(block_v=4096, num_warps=1)
     torch.manual_seed(0)
     x = torch.randn(n, d, requires_grad=True)
     w = (torch.randn(v, d) / d ** 0.5).requires_grad_()
@@ -51,10 +52,10 @@ def logits_mib(shape) -> float:
     return n * v * 4 / 2**20
 
 
-def extra_mib(backend: str, reduction: str, shape) -> float:
+def extra_mib(backend: str, reduction: str, shape, chunk_mib: float = config.chunk_budget_bytes / 2**20) -> float:
     # a fixed mmap threshold: every large buffer is mapped and unmapped, so the peak resident set
     # is the live peak (glibc's sliding threshold otherwise keeps freed groups resident)
-    env = dict(os.environ, TRITON_INTERPRET="1", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    env = dict(os.environ, TRITON_INTERPRET="1", MALLOC_MMAP_THRESHOLD_=str(1 << 20), SFTKEY_CHUNK_MIB=str(chunk_mib))
     args = [sys.executable, "-c", SCRIPT, backend, reduction, *map(str, shape)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True, env=env)
     extra = json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
@@ -72,10 +73,17 @@ def test_torch_backend_extra_memory_bounded(reduction):
     assert extra_mib("torch", reduction, TORCH_SHAPE) < 2 * budget_mib
 
 
-def test_triton_backend_under_interpreter_allocates_no_logits():
+def test_fused_triton_backend_under_interpreter_allocates_no_logits():
     """The fused kernels hold no N x V buffer (dW's float32 buffer is 1 MiB here)."""
     pytest.importorskip("triton")
-    assert extra_mib("triton", "mean", TRITON_SHAPE) < logits_mib(TRITON_SHAPE) / 4
+    assert extra_mib("triton-fused", "mean", TRITON_SHAPE) < logits_mib(TRITON_SHAPE) / 4
+
+
+def test_triton_single_pass_holds_one_group():
+    """The Triton single pass holds one group of logits within the chunk budget (2 MiB here, of
+    32 MiB of logits), and the gradients."""
+    pytest.importorskip("triton")
+    assert extra_mib("triton", "mean", TRITON_SHAPE, chunk_mib=2) < logits_mib(TRITON_SHAPE) / 4
 
 
 @pytest.mark.parametrize("shape", [TORCH_SHAPE, TRITON_SHAPE], ids=["torch-shape", "triton-shape"])

@@ -1,21 +1,23 @@
-"""TritonBackend (sftkey.kernels) against float64 materialized logits and torch autograd.
+"""FusedTritonBackend (sftkey.kernels' fused tile kernels) against float64 materialized logits
+and torch autograd.
 
-Runs on the CPU through Triton's interpreter, so shapes are small; block shapes are the
-interpreter's (16 x 32 x 32), so V = 257 and D = 40 leave partial tiles on every axis.
+Compiled on CUDA; on the CPU through Triton's interpreter (tests/conftest.py switches it on
+before triton is imported), so shapes are small; the interpreter's block shapes (16 x 32 x
+32) leave partial tiles on every axis at V = 257 and D = 40. Skipped where neither runs.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
+from conftest import KERNEL_DEVICE, needs_kernels  # noqa: E402
+from sftkey import kernels  # noqa: E402
 from sftkey.backends.base import Head, Needs, StatGrads  # noqa: E402
-from sftkey.backends.triton import TritonBackend, _launch_args  # noqa: E402
+from sftkey.backends.triton import FusedTritonBackend, _launch_args  # noqa: E402
 from sftkey.kernels.configs import INTERPRETER  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
+
+pytestmark = needs_kernels
 
 # Tolerances are sftkey.testing's: statistics accumulate in float32 from the (exact) input
 # values for every dtype, so they are held to float32's; gradients go through dz rounded to
@@ -34,12 +36,13 @@ def make(dtype, n=37, d=40, v=257, bias=True, class_weights=False, ignore=True, 
     if ignore:
         y[::5] = -1
     c = torch.rand(v, generator=g) + 0.5 if class_weights else None
+    x, w, b, y, c = (None if t is None else t.to(KERNEL_DEVICE) for t in (x, w, b, y, c))
     return Head(x, w, b, y, c, softcap)
 
 
 def upstream(n, which="all", seed=1):
     g = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(n, generator=g) for _ in range(4)]
+    grads = [torch.randn(n, generator=g).to(KERNEL_DEVICE) for _ in range(4)]
     return StatGrads(*(gr if which == "all" or k in which else None
                        for k, gr in zip(("lse", "zy", "S", "Z"), grads)))
 
@@ -68,7 +71,7 @@ def reference(head, grads=None, needs=ALL, topk=0):
 
 
 def check_forward(head, topk=0, backend=None):
-    st = (backend or TritonBackend()).forward(head, topk=topk)
+    st = (backend or FusedTritonBackend()).forward(head, topk=topk)
     ref = reference(head, topk=topk)
     tol = torch.float32  # statistics of the given (rounded) inputs, accumulated in float32
     for name, got in (("lse", st.lse), ("zy", st.target_logit), ("S", st.expected_logit),
@@ -87,7 +90,7 @@ def check_forward(head, topk=0, backend=None):
 
 
 def check_backward(head, grads, needs=ALL, filter_eps=None):
-    be = TritonBackend()
+    be = FusedTritonBackend()
     st = be.forward(head)
     got = be.backward(head, st, grads, needs, filter_eps)
     ref = reference(head, grads, needs)
@@ -115,7 +118,7 @@ def test_forward_vocab_splits_merge():
     """Several programs per row block, partial statistics merged on the host."""
     head = make(torch.float32, class_weights=True)
     for splits in (2, 3, 9):
-        check_forward(head, topk=8, backend=TritonBackend(vocab_splits=splits))
+        check_forward(head, topk=8, backend=FusedTritonBackend(vocab_splits=splits))
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -124,7 +127,7 @@ def test_argmax_ties_take_first_index(splits):
     w = head.w.clone()
     w[[40, 41, 200]] = 1.0  # with x >= 0, an exact tie for the max, across tiles and splits
     head = Head(head.x.abs(), w, None, head.y, None, None)
-    st = TritonBackend(vocab_splits=splits).forward(head, topk=3)
+    st = FusedTritonBackend(vocab_splits=splits).forward(head, topk=3)
     assert torch.equal(st.argmax, torch.full_like(st.argmax, 40))
     assert torch.equal(st.topk[:, 0], st.topk[:, 2])
 
@@ -162,7 +165,7 @@ def test_filter_eps_bf16_within_tolerance():
     b[:40] += 12.0
     head = Head(head.x, head.w, b.to(torch.bfloat16), head.y, None, None)
     grads = upstream(48, ("lse", "zy", "S"))
-    be = TritonBackend()
+    be = FusedTritonBackend()
     st = be.forward(head)
     exact = be.backward(head, st, grads, ALL)
     filtered = check_backward(head, grads, ALL, filter_eps=2.0 ** -12)
@@ -171,6 +174,7 @@ def test_filter_eps_bf16_within_tolerance():
         assert_close(a, b, torch.bfloat16, name)
 
 
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="the up-cast is the interpreter's (compiled tl.dot takes bf16)")
 def test_bf16_dot_upcast_under_interpreter():
     x = torch.zeros(2, 2, dtype=torch.bfloat16)
     assert _launch_args(x, INTERPRETER)["UPCAST"] is True
@@ -179,15 +183,15 @@ def test_bf16_dot_upcast_under_interpreter():
 
 def test_empty_rows():
     head = make(torch.float32, n=0)
-    st = TritonBackend().forward(head, topk=2)
+    st = FusedTritonBackend().forward(head, topk=2)
     assert st.lse.shape == (0,) and st.topk.shape == (0, 2)
-    dx, dw, db = TritonBackend().backward(head, st, upstream(0), ALL)
+    dx, dw, db = FusedTritonBackend().backward(head, st, upstream(0), ALL)
     assert dx.shape == (0, 40) and not dw.any() and not db.any()
 
 
 def test_input_errors():
-    be = TritonBackend()
-    assert be.available(torch.device("cpu"))
+    be = FusedTritonBackend()
+    assert be.available(KERNEL_DEVICE)
     head = make(torch.float32, n=4, d=16, v=40)
     with pytest.raises(TypeError, match="float64"):
         be.forward(make(torch.float64, n=4, d=16, v=40))

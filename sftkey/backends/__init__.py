@@ -11,7 +11,8 @@ from .base import Backend
 
 _REGISTRY = {
     "torch": "sftkey.backends.torch:TorchBackend",
-    "triton": "sftkey.backends.triton:TritonBackend",
+    "triton": "sftkey.backends.triton_rows:TritonBackend",
+    "triton-fused": "sftkey.backends.triton:FusedTritonBackend",
 }
 
 BACKEND_NAMES = ("auto", "reference", *_REGISTRY)
@@ -24,9 +25,9 @@ def _load(name: str) -> Backend:
 
 
 def get_backend(backend: Union[str, Backend], device: torch.device) -> Backend:
-    """The backend called ``backend`` ("auto": triton where it can run on ``device``, else
-    torch), or ``backend`` itself when it is an instance; a ``ValueError`` where it cannot run
-    on ``device``."""
+    """The backend called ``backend`` ("auto": triton on a CUDA device of a generation its
+    kernels have block shapes for, else torch), or ``backend`` itself when it is an instance;
+    a ``ValueError`` where it cannot run on ``device``."""
     if isinstance(backend, Backend):
         chosen, name = backend, backend.name
     elif backend == "auto":
@@ -39,8 +40,11 @@ def get_backend(backend: Union[str, Backend], device: torch.device) -> Backend:
 
 
 def triton_usable(device: torch.device) -> bool:
+    """Whether the triton backends can run on ``device``, with block shapes for its GPU."""
     try:
-        return _load("triton").available(device)
+        from .triton import known_gpu
+
+        return _load("triton").available(device) and known_gpu(device)
     except ImportError:
         return False
 

@@ -59,24 +59,31 @@ class _Workspace:
     The products are formed in ``product_dtype`` (:mod:`.products`): the inputs' dtype, or
     float32 from bf16/fp16 inputs where their products are not native (``upcast``); then
     ``out`` is float32, the hidden states of a group are up-cast into ``x32`` and ``W`` slice by
-    slice into ``w32``."""
+    slice into ``w32``.
 
-    def __init__(self, head: Head, two_buffers: bool, dw: bool = False):
+    ``out_dtype`` given (the Triton single pass): ``out`` takes that dtype, the products are
+    the caller's and no float32 blocks are allocated (the caller's kernels do the block math);
+    ``budget`` then replaces :data:`sftkey.config.chunk_budget_bytes`."""
+
+    def __init__(self, head: Head, two_buffers: bool, dw: bool = False, out_dtype: Optional[torch.dtype] = None,
+                 budget: Optional[int] = None):
         x, w = head.x, head.w
         n, (V, D) = head.y.shape[0], w.shape
         self.acc = accumulation_dtype(x.dtype)
-        self.upcast = product_dtype(x.device, x.dtype) != x.dtype
-        out_dtype = self.acc if self.upcast else x.dtype
+        blocks = out_dtype is None
+        self.upcast = blocks and product_dtype(x.device, x.dtype) != x.dtype
+        if blocks:
+            out_dtype = self.acc if self.upcast else x.dtype
         out_size = out_dtype.itemsize
-        budget = config.chunk_budget_bytes
+        budget = budget or config.chunk_budget_bytes
         one_group = dw and x.dtype != self.acc and n * V * out_size <= budget + w.numel() * 4
         self.group_rows = n if one_group else _rows(budget, V * out_size, n)
         self.block_rows = _rows(budget // _BLOCK_SHARE, V * 4, self.group_rows)
         kw = dict(dtype=self.acc, device=x.device)
         self.out = torch.empty(self.group_rows, V, dtype=out_dtype, device=x.device)
-        self.z = torch.empty(self.block_rows, V, **kw) if out_dtype != self.acc else None
-        self.p = torch.empty(self.block_rows, V, **kw) if two_buffers else None
-        self.f = None if head.softcap is None else torch.empty(self.block_rows, V, **kw)
+        self.z = torch.empty(self.block_rows, V, **kw) if blocks and out_dtype != self.acc else None
+        self.p = torch.empty(self.block_rows, V, **kw) if blocks and two_buffers else None
+        self.f = None if not blocks or head.softcap is None else torch.empty(self.block_rows, V, **kw)
         self.b = None if head.b is None else head.b.to(self.acc)
         self.c = None if head.c is None else head.c.to(self.acc)
         self.softcap = head.softcap

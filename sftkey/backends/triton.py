@@ -1,4 +1,4 @@
-"""The fused Triton backend: launches :mod:`sftkey.kernels` on CUDA, or on the CPU through
+"""The fused Triton backend (``backend="triton-fused"``): launches :mod:`sftkey.kernels` on CUDA, or on the CPU through
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before importing Triton.
 
 A head's ``rows`` are gathered first (the kernels read contiguous rows of X).
@@ -11,18 +11,22 @@ rank-one ``g_Z c`` parts are added here with a scatter and outer products.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional
 
 import torch
 import triton  # noqa: F401  (ImportError here tells the registry that triton is unusable)
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from sftkey import kernels
 from sftkey.kernels.backward import backward_kernel
-from sftkey.kernels.configs import KernelConfig, default_config
+from sftkey.kernels.configs import KernelConfig, default_config, generation
 from sftkey.kernels.forward import forward_kernel
 
 from .base import MAX_TOPK, Backend, Head, Needs, RowStats, StatGrads
+from .torch import TorchBackend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 8192  # rows per chunk of the host-side vector-matrix products
@@ -60,6 +64,30 @@ def _launch_args(x: Tensor, cfg: KernelConfig) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def known_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device of a generation with block shapes (checked by
+    ``python -m sftkey.kernels.check``), or the CPU under the interpreter."""
+    return generation(device) is not None if device.type == "cuda" else kernels.INTERPRETED
+
+
+def or_torch(method):
+    """Run a backend method, or the torch backend's where the kernels cannot run: on a GPU of an
+    unknown generation, or after Triton's ``OutOfResources``; warned once per backend."""
+
+    @functools.wraps(method)
+    def run(self, head: Head, *args, **kwargs):
+        if self.fallback is None and not known_gpu(head.x.device):
+            self._fall_back(f"no block shapes for {head.x.device}")
+        if self.fallback is None:
+            try:
+                return method(self, head, *args, **kwargs)
+            except OutOfResources as e:
+                self._fall_back(str(e))
+        return getattr(self.fallback, method.__name__)(head, *args, **kwargs)
+
+    return run
+
+
 def _vecmat(v: Tensor, m: Tensor) -> Tensor:
     """``v @ m`` in float32 (``v`` [R] float32, ``m`` [R, D]), converting ``_CHUNK`` rows at a time."""
     out = torch.zeros(m.shape[1], dtype=torch.float32, device=m.device)
@@ -68,17 +96,24 @@ def _vecmat(v: Tensor, m: Tensor) -> Tensor:
     return out
 
 
-class TritonBackend(Backend):
-    """Fused Triton kernels. ``forward_config``/``backward_config`` override the block shapes
+class FusedTritonBackend(Backend):
+    """Fused Triton kernels, in every pass: the tightest memory (``O(N)`` beyond the
+    gradients), ``8NDV`` for a scalar loss (the generic single pass: forward, then the
+    recompute backward). ``forward_config``/``backward_config`` override the block shapes
     of :mod:`sftkey.kernels.configs`; ``vocab_splits`` fixes the forward's programs per row block."""
 
-    name = "triton"
+    name = "triton-fused"
 
     def __init__(self, forward_config: Optional[KernelConfig] = None,
                  backward_config: Optional[KernelConfig] = None, vocab_splits: Optional[int] = None):
         self.forward_config = forward_config
         self.backward_config = backward_config
         self.vocab_splits = vocab_splits
+        self.fallback: Optional[Backend] = None
+
+    def _fall_back(self, why: str) -> None:
+        warnings.warn(f"backend={self.name!r}: {why}; using backend='torch' instead", RuntimeWarning, stacklevel=4)
+        self.fallback = TorchBackend()
 
     def available(self, device: torch.device) -> bool:
         device = torch.device(device)
@@ -97,6 +132,7 @@ class TritonBackend(Backend):
             splits = 1
         return max(1, min(splits, num_tiles))
 
+    @or_torch
     def forward(self, head: Head, topk: int = 0) -> RowStats:
         head = head.gathered()
         _check(head)
@@ -109,7 +145,7 @@ class TritonBackend(Backend):
             empty = torch.empty(0, **f32)
             return RowStats(empty, empty, empty, empty, torch.empty(0, dtype=torch.int64, device=x.device),
                             torch.empty(0, topk, **f32) if topk else None)
-        cfg = self.forward_config or default_config("forward", x.dtype)
+        cfg = self.forward_config or default_config("forward", x.dtype, x.device)
         num_n, num_tiles = _cdiv(n, cfg.block_n), _cdiv(v, cfg.block_v)
         tiles_per_split = _cdiv(num_tiles, self._splits(x, cfg, num_n, num_tiles))
         splits = _cdiv(num_tiles, tiles_per_split)
@@ -136,6 +172,7 @@ class TritonBackend(Backend):
         topk_vals = top.permute(1, 0, 2).reshape(n, -1).topk(topk, dim=1).values if topk else None
         return RowStats(lse, zy.sum(0), s_exp, wsum.sum(0), argmax, topk_vals)
 
+    @or_torch
     def backward(self, head: Head, stats: RowStats, grads: StatGrads, needs: Needs,
                  filter_eps: Optional[float] = None):
         rows, head = head, head.gathered()
@@ -152,7 +189,7 @@ class TritonBackend(Backend):
         dense_gzy, dense_gz = cap is not None and g_zy is not None, cap is not None and g_z is not None
         dense = g_lse is not None or g_s is not None or dense_gzy or dense_gz
         if n and (dx is not None or dw is not None or db is not None) and dense:
-            cfg = self.backward_config or default_config("backward", x.dtype)
+            cfg = self.backward_config or default_config("backward", x.dtype, x.device)
             grid = (_cdiv(n, cfg.block_n) * _cdiv(v, cfg.block_v),)
             lse = stats.lse.float().contiguous()
             s_exp = stats.expected_logit.float().contiguous() if g_s is not None else lse
