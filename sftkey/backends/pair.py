@@ -1,0 +1,141 @@
+"""The two-head pass of the torch backend: a policy head and a reference head over the same
+tokens, group by group, never an ``N x V`` buffer (docs/design.md, "Two heads").
+
+A :class:`Pair` holds two :class:`~.base.Head`\\ s with the same vocabulary ``V`` and tokens
+(``D_ref`` may differ from ``D``). Rows go in groups of ``R`` rows sized so that the group's
+two logits blocks ``[R, V]`` and the few same-sized temporaries of its loss (about eight in
+all, in the accumulation dtype) fit :data:`sftkey.config.chunk_budget_bytes`. Per group:
+
+* the logits products ``z = x W^T (+ b)`` and ``r = x_ref W_ref^T (+ b_ref)`` in the products'
+  dtype (:func:`.products.product_dtype`: the inputs', or float32 from bf16/fp16 inputs
+  where those products are not native; W is then up-cast once, a float32 buffer of its size);
+* the caller's block function on ``(z, r)`` in the accumulation dtype: the group's loss and
+  its ``dz``, ``dr`` (each None where not needed);
+* the gradient products ``dX = dz W``, ``dW += dz^T X``, ``db += sum dz`` (and the same for
+  the reference with ``dr``); ``dW`` sums in the accumulation dtype (a float32 buffer of W's
+  size for a bf16/fp16 W).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import config
+from .base import Head, Needs, accumulation_dtype
+from .products import product_dtype
+
+_ROW_ALIGN = 16
+_BLOCKS_PER_GROUP = 8  # [R, V] buffers of the accumulation dtype a group's loss may hold at once
+
+
+class PairBlock(NamedTuple):
+    """A group's result from the block function: its loss (a scalar, or ``[n]`` per token),
+    ``dz`` and ``dr`` ``[n, V]`` in the accumulation dtype or None, and anything else the
+    caller keeps (``extra``)."""
+
+    loss: Tensor
+    dz: Optional[Tensor] = None
+    dr: Optional[Tensor] = None
+    extra: object = None
+
+
+#: ``block_fn(group, z, r) -> PairBlock``: ``group`` a slice of the tokens, ``z`` and ``r``
+#: ``[n, V]`` their logits (bias added) in the accumulation dtype.
+BlockFn = Callable[[slice, Tensor, Tensor], PairBlock]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The policy and reference heads (their ``rows`` the same tokens; ``y``, ``c`` and
+    ``softcap`` are the block function's business, not the pass's)."""
+
+    policy: Head
+    ref: Head
+
+    @property
+    def tokens(self) -> int:
+        return self.policy.y.shape[0]
+
+
+class PairResult(NamedTuple):
+    """Every group's :class:`PairBlock`, and the gradients ``(dx, dw, db)`` of each head (None
+    where not needed)."""
+
+    blocks: list
+    policy_grads: tuple
+    ref_grads: tuple
+
+
+class _Operands:
+    """One head's operands in the products' dtype, its gradients and their sums."""
+
+    def __init__(self, head: Head, needs: Needs, n_tokens: int):
+        x, w = head.x, head.w
+        self.head, self.acc = head, accumulation_dtype(x.dtype)
+        self.pdtype = product_dtype(x.device, x.dtype)
+        self.w = w if w.dtype == self.pdtype else w.to(self.pdtype)
+        self.b = None if head.b is None else head.b.to(self.acc)
+        self.dx = None
+        if needs.dx:
+            self.dx = torch.empty_like(x) if head.rows is None else torch.zeros_like(x)
+        self.dw = torch.zeros(w.shape, dtype=self.acc, device=w.device) if needs.dw else None
+        self.db = torch.zeros(w.shape[0], dtype=self.acc, device=w.device) if needs.db and head.b is not None else None
+
+    def hidden(self, group: slice) -> Tensor:
+        x = self.head.x
+        x = x[group] if self.head.rows is None else x.index_select(0, self.head.rows[group])
+        return x.to(self.pdtype)
+
+    def logits(self, x: Tensor) -> Tensor:
+        z = torch.mm(x, self.w.t()).to(self.acc)
+        return z if self.b is None else z.add_(self.b)
+
+    def add(self, group: slice, dz: Tensor, x: Tensor) -> None:
+        if self.db is not None:
+            self.db.add_(dz.sum(dim=0))
+        d = dz.to(self.pdtype)
+        if self.dx is not None:
+            part = torch.mm(d, self.w).to(self.dx.dtype)
+            if self.head.rows is None:
+                self.dx[group] = part
+            else:
+                self.dx.index_copy_(0, self.head.rows[group], part)
+        if self.dw is not None:
+            if self.pdtype == self.acc:
+                self.dw.addmm_(d.t(), x)
+            else:
+                self.dw.add_(torch.mm(d.t(), x))
+
+    def grads(self) -> tuple:
+        head = self.head
+        dw = None if self.dw is None else self.dw.to(head.w.dtype)
+        db = None if self.db is None else self.db.to(head.b.dtype)
+        return self.dx, dw, db
+
+
+def group_rows(n: int, vocab: int, acc: torch.dtype) -> int:
+    """Rows per group: ``_BLOCKS_PER_GROUP`` buffers ``[R, V]`` of ``acc`` within the budget, a
+    multiple of 16 (at least 16), at most ``n``."""
+    per_row = vocab * acc.itemsize * _BLOCKS_PER_GROUP
+    return min(n, max(_ROW_ALIGN, config.chunk_budget_bytes // per_row // _ROW_ALIGN * _ROW_ALIGN))
+
+
+def pair_pass(pair: Pair, block_fn: BlockFn, needs: Needs, ref_needs: Needs) -> PairResult:
+    """Run ``block_fn`` over the groups of ``pair``'s tokens and form the gradients it returns."""
+    n = pair.tokens
+    policy, ref = _Operands(pair.policy, needs, n), _Operands(pair.ref, ref_needs, n)
+    step = group_rows(n, pair.policy.w.shape[0], policy.acc)
+    blocks = []
+    for start in range(0, n, step):
+        group = slice(start, min(start + step, n))
+        x, x_ref = policy.hidden(group), ref.hidden(group)
+        block = block_fn(group, policy.logits(x), ref.logits(x_ref))
+        if block.dz is not None and any(needs):
+            policy.add(group, block.dz, x)
+        if block.dr is not None and any(ref_needs):
+            ref.add(group, block.dr, x_ref)
+        blocks.append(block._replace(dz=None, dr=None))
+    return PairResult(blocks, policy.grads(), ref.grads())
