@@ -79,7 +79,7 @@ __all__ = ["use_fused_loss", "is_patched", "fused_loss_handle", "FusedLossHandle
 #: Keyword arguments of ``model(...)`` that go to :func:`sftkey.linear_cross_entropy`: its
 #: options (:class:`sftkey.LossOptions`) but those the model itself sets (the label shift,
 #: its soft-cap, the Trainer's normalizer, the mean reduction).
-LOSS_OPTIONS = tuple(n for n in LossOptions.names() if n not in ("shift", "softcap", "normalizer", "reduction"))
+LOSS_OPTIONS = tuple(n for n in LossOptions.names() if n not in ("shift", "softcap", "normalizer", "reduction", "anchor"))
 _EXTRA_KWARGS = (*LOSS_OPTIONS, "shift_labels", "num_items_in_batch")
 _PER_TOKEN = ("token_weights", "entropy_weights")
 _PROBE = (1.0, -3.0)
