@@ -36,9 +36,9 @@ from .report import stamp
 
 MIB = 1 << 20
 IMPLS = ("sftkey-kl", "sftkey-asft", "sftkey-ce", "torch-eager", "torch-compile", "liger-jsd")
-#: The divergence's cases: the CPU default shapes (D=512, V=16384) at three token counts, to
+#: The divergence's cases: the CPU default shapes (D=512, V=16384, N = 512 and 1024), to
 #: show the extra memory flat in N.
-CPU_CASES = tuple(Case(n, 512, 16384, "fp32") for n in (512, 1024, 2048))
+CPU_CASES = tuple(Case(n, 512, 16384, "fp32") for n in (512, 1024))
 GPU_CASES = tuple(Case(n, 4096, 128256, "bf16", "Llama-3-8B") for n in (4096, 8192))
 KL_WEIGHT = 0.1
 

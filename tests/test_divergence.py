@@ -315,3 +315,20 @@ def test_ref_bias_shape_and_oracle_signature():
     assert keywords == {"bias", "ref_bias", *sftkey.DivergenceOptions.names()}
     assert set(sftkey.DivergenceOptions.names()) <= set(inspect.signature(sftkey.linear_divergence).parameters)
     assert TOLERANCE[torch.float64] < TOLERANCE[torch.float32]
+
+
+def test_anchored_loss_with_weights_that_need_a_gradient_and_all_ignored():
+    tensors, y, g = _pair((2, 9), 12, 20, 67, torch.float64, seed=18)
+    x, w, b, xr, wr, br = tensors
+    tw = torch.rand(y.shape, generator=g, dtype=torch.float64).requires_grad_()
+    results = []
+    for backend in ("torch", "reference"):
+        loss = sftkey.linear_cross_entropy(x, w, y, bias=b, token_weights=tw, dft=True, anchor=(xr, wr, br),
+                                           anchor_weight=0.2, backend=backend)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (x, w, tw))))
+    for name, got, want in zip(("loss", "hidden", "weight", "token_weights"), *results):
+        assert_close(got, want, torch.float64, name)
+    ignored = torch.full_like(y, -100)
+    loss = sftkey.linear_cross_entropy(x, w, ignored, bias=b, anchor=(xr, wr, br), backend="torch")
+    grad, = torch.autograd.grad(loss, x)
+    assert loss.item() == 0.0 and float(grad.abs().max()) == 0.0
