@@ -14,7 +14,9 @@ in the accumulation dtype, already divided by the temperature::
                                                                  dD/dr_j = q_j (b_j - sum_k q_k b_k)
 
 (``dD/dp_j = a_j`` for the JSD, through the softmax.) A token with coefficient ``g_i`` gets
-the gradients ``g_i dD_i/dz`` and ``g_i dD_i/dr``.
+the gradients ``g_i dD_i/dz`` and ``g_i dD_i/dr``; ``forward_kl`` and ``reverse_kl`` are
+``E_q[r] - lse_r - E_q[z] + lse_z`` and ``S - lse_z - E_p[r] + lse_r`` written on the
+log-probabilities.
 """
 from __future__ import annotations
 
@@ -41,33 +43,33 @@ def _log(x: float) -> float:
 def rows(z: Tensor, r: Tensor, kind: str, beta: float = 0.5, g: Optional[Tensor] = None,
          want_dz: bool = True, want_dr: bool = False) -> RowDivergence:
     """The ``kind`` divergence of each row pair (see the module docstring) and, where ``g``
-    ``[n]`` is given, its gradients scaled by ``g``. ``z`` and ``r`` are not modified."""
-    logp = torch.log_softmax(z, dim=1)
-    logq = torch.log_softmax(r, dim=1)
-    p, q = logp.exp(), logq.exp()
-    dz = dr = None
+    ``[n]`` is given, its gradients scaled by ``g``. ``z`` and ``r`` are overwritten (the
+    log-probabilities, then the gradients, are formed in place: two to four ``[n, V]``
+    buffers beside them)."""
+    logp = z.sub_(torch.logsumexp(z, dim=1, keepdim=True))
+    logq = r.sub_(torch.logsumexp(r, dim=1, keepdim=True))
+    grads = g is not None
+    g = None if g is None else g[:, None]
     if kind == "forward_kl":
+        q = logq.exp()
         diff = logq.sub_(logp)  # log q - log p
         value = torch.linalg.vecdot(q, diff)
-        if g is not None and want_dr:
-            dr = diff.sub(value[:, None]).mul_(q).mul_(g[:, None])
-        if g is not None and want_dz:
-            dz = p.sub_(q).mul_(g[:, None])
+        dr = diff.sub_(value[:, None]).mul_(q).mul_(g) if grads and want_dr else None
+        dz = logp.exp_().sub_(q).mul_(g) if grads and want_dz else None
         return RowDivergence(value, dz, dr)
     if kind == "reverse_kl":
+        p = logp.exp()
         diff = logp.sub_(logq)  # log p - log q
         value = torch.linalg.vecdot(p, diff)
-        if g is not None and want_dr:
-            dr = q.sub(p).mul_(g[:, None])
-        if g is not None and want_dz:
-            dz = diff.sub_(value[:, None]).mul_(p).mul_(g[:, None])
+        dr = logq.exp_().sub_(p).mul_(g) if grads and want_dr else None
+        dz = diff.sub_(value[:, None]).mul_(p).mul_(g) if grads and want_dz else None
         return RowDivergence(value, dz, dr)
+    p, q = logp.exp(), logq.exp()
     logm = torch.logaddexp(logp + _log(beta), logq + _log(1 - beta))
     a = logp.sub_(logm).mul_(beta)
     b = logq.sub_(logm).mul_(1 - beta)
+    del logm
     value_p, value_q = torch.linalg.vecdot(p, a), torch.linalg.vecdot(q, b)
-    if g is not None and want_dz:
-        dz = a.sub_(value_p[:, None]).mul_(p).mul_(g[:, None])
-    if g is not None and want_dr:
-        dr = b.sub_(value_q[:, None]).mul_(q).mul_(g[:, None])
+    dz = a.sub_(value_p[:, None]).mul_(p).mul_(g) if grads and want_dz else None
+    dr = b.sub_(value_q[:, None]).mul_(q).mul_(g) if grads and want_dr else None
     return RowDivergence(value_p + value_q, dz, dr)

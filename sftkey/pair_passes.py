@@ -57,10 +57,13 @@ class DivergenceBlock:
             r.div_(T)
         coef = None if self.coef is None else self.coef[group]
         g = None if coef is None else coef / T
+        factor = None  # d(capped)/dz = 1 - (capped / cap)^2, taken before rows() overwrites z
+        if cap is not None and g is not None:
+            factor = z.mul(T / cap).square_().neg_().add_(1)
         rows = div.rows(z, r, self.d.kind, self.d.beta, g, self.want_dz, self.want_dr)
         dz = rows.dz
-        if cap is not None and dz is not None:
-            dz.mul_(z.mul_(T / cap).square_().neg_().add_(1))  # d(capped)/dz = 1 - (capped / cap)^2
+        if factor is not None and dz is not None:
+            dz.mul_(factor)
         loss = rows.value if coef is None else torch.linalg.vecdot(rows.value, coef)
         return PairBlock(loss, dz, rows.dr)
 
@@ -201,7 +204,8 @@ class AnchoredBlock:
             capped = leaf if self.softcap is None else self.softcap * torch.tanh(leaf / self.softcap)
             stats = _stats(capped, y, terms, self.with_stats)
             ce = token_losses(stats, y, terms).sum() / scale
-            rows = div.rows(capped.detach(), r, self.d.kind, self.d.beta, coef / scale if self.with_grads else None)
+            rows = div.rows(capped.detach().clone(), r, self.d.kind, self.d.beta,
+                            coef / scale if self.with_grads else None)
             loss = ce.detach() + torch.linalg.vecdot(rows.value, coef) / scale
             dz = None
             if self.with_grads:
