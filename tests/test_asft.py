@@ -114,6 +114,8 @@ def test_a_reference_with_post_processed_logits_is_refused():
     cohere = transformers.CohereForCausalLM(transformers.CohereConfig(hidden_size=32, logit_scale=0.3, **COMMON))
     with pytest.raises(NotImplementedError, match="logit_scale"):
         use_fused_loss(policy, reference_model=cohere)
+    with pytest.raises(ValueError, match="anchor_weight given without a reference_model"):
+        use_fused_loss(policy, anchor_weight=0.1)
 
 
 def _heads(seed, d=12, d_ref=20, lead=(3, 8)):

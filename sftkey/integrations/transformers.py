@@ -113,6 +113,9 @@ def use_fused_loss(model: nn.Module, reference_model: Optional[nn.Module] = None
     unknown = sorted(set(options) - set(LOSS_OPTIONS))
     if unknown:
         raise TypeError(f"use_fused_loss: unknown options {unknown}; expected any of {list(LOSS_OPTIONS)}")
+    anchoring = sorted(k for k in options if k.startswith("anchor_"))
+    if anchoring and reference_model is None:
+        raise ValueError(f"use_fused_loss: {', '.join(anchoring)} given without a reference_model to anchor to")
     return FusedLossHandle(_causal_lm(model), options,
                            None if reference_model is None else _checked_reference(_causal_lm(reference_model)))
 
