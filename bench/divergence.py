@@ -23,6 +23,7 @@ import multiprocessing
 import statistics
 import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -111,11 +112,15 @@ def run_one(spec: dict, conn) -> None:
 
         for _ in range(WARMUP):
             step()
-        times = [elapsed(device, step) for _ in range(spec["repeats"])]
+        times, cpu_times = [], []
+        for _ in range(spec["repeats"]):
+            cpu = time.process_time()
+            times.append(elapsed(device, step))
+            cpu_times.append(time.process_time() - cpu)
         (loss, grads), peak = peak_memory(device, step)
         grad_bytes = sum(g.numel() * g.element_size() for g in grads)
         torch.save({"loss": loss.detach().cpu(), "grads": [g.cpu() for g in grads]}, spec["outputs"])
-        conn.send({"times": times, "extra_bytes": peak - grad_bytes})
+        conn.send({"times": times, "cpu_times": cpu_times, "extra_bytes": peak - grad_bytes})
     except Exception as e:  # reported in the table
         conn.send({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
 
@@ -163,23 +168,25 @@ def verify(case: Case, impl: str, outputs: str, device: torch.device) -> tuple:
 
 
 def table(rows: list, meta: dict) -> str:
-    """The results as a Markdown table (times in ms, extra memory in MiB, time relative to
-    ``sftkey-ce`` on the same case)."""
+    """The results as a Markdown table: wall-clock times in ms, the process's CPU time per run
+    (less sensitive to other work on a shared machine), both relative to ``sftkey-ce`` on the
+    same case, extra memory in MiB."""
     lines = [f"# Divergence benchmark: {meta['device']}", "",
              f"commit {meta['commit']}, {meta['date']}, fwd+bwd, {meta['repeats']} timed runs after {WARMUP} warm-up, "
              f"load average {meta['load_average_start']:.2f} at the start, {meta['load_average_end']:.2f} at the end.",
-             "", "| case | impl | status | median ms | min–max ms | x sftkey-ce | extra MiB | err loss | err dX | err dW |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    base = {r["case"]: r["median_s"] for r in rows if r["impl"] == "sftkey-ce" and "median_s" in r}
+             "", "| case | impl | status | median ms | min–max ms | x sftkey-ce | CPU ms | x sftkey-ce (CPU) | extra MiB "
+             "| err loss | err dX | err dW |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["case"]: r for r in rows if r["impl"] == "sftkey-ce" and "median_s" in r}
     for r in rows:
         if "median_s" not in r:
-            lines.append(f"| {r['case']} | {r['impl']} | {r['status']}: {r['reason']} | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['impl']} | {r['status']}: {r['reason']} | | | | | | | | | |")
             continue
-        ratio = f"{r['median_s'] / base[r['case']]:.2f}" if r["case"] in base else ""
+        b = base.get(r["case"])
+        ratio, cpu_ratio = ("", "") if b is None else (f"{r['median_s'] / b['median_s']:.2f}", f"{r['cpu_s'] / b['cpu_s']:.2f}")
         e = r["rel_err"]
         lines.append(f"| {r['case']} | {r['impl']} | {r['status']} | {r['median_s'] * 1e3:.1f} | "
-                     f"{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f} | {ratio} | {r['extra_mib']:.1f} | "
-                     f"{e['loss']:.1e} | {e['dX']:.1e} | {e['dW']:.1e} |")
+                     f"{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f} | {ratio} | {r['cpu_s'] * 1e3:.1f} | {cpu_ratio} | "
+                     f"{r['extra_mib']:.1f} | {e['loss']:.1e} | {e['dX']:.1e} | {e['dW']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +215,8 @@ def main(argv=None) -> int:
                     errs, ok = verify(case, impl, result["outputs"], device)
                     t = sorted(result["times"])
                     row.update(status="ok" if ok else "FAIL", times_s=result["times"], median_s=statistics.median(t),
-                               min_s=t[0], max_s=t[-1], extra_mib=result["extra_bytes"] / MIB, rel_err=errs)
+                               min_s=t[0], max_s=t[-1], cpu_s=statistics.median(result["cpu_times"]),
+                               extra_mib=result["extra_bytes"] / MIB, rel_err=errs)
                 else:
                     status = next(iter(result))
                     row.update(status=status, reason=result[status])

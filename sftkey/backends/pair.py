@@ -3,14 +3,16 @@ tokens, group by group, never an ``N x V`` buffer (docs/design.md, "Two heads").
 
 A :class:`Pair` holds two :class:`~.base.Head`\\ s with the same vocabulary ``V`` and tokens
 (``D_ref`` may differ from ``D``). Rows go in groups of ``R`` rows sized so that the group's
-two logits blocks ``[R, V]`` and the few same-sized temporaries of its loss (about eight in
-all, in the accumulation dtype) fit :data:`sftkey.config.chunk_budget_bytes`. Per group:
+two logits blocks ``[R, V]`` and the same-sized temporaries of its loss (the block
+function's ``buffers``, in the accumulation dtype) fit :data:`sftkey.config.chunk_budget_bytes`.
+Per group:
 
 * the logits products ``z = x W^T (+ b)`` and ``r = x_ref W_ref^T (+ b_ref)`` in the products'
   dtype (:func:`.products.product_dtype`: the inputs', or float32 from bf16/fp16 inputs
   where those products are not native; W is then up-cast once, a float32 buffer of its size);
 * the caller's block function on ``(z, r)`` in the accumulation dtype: the group's loss and
-  its ``dz``, ``dr`` (each None where not needed);
+  its ``dz``, ``dr`` (each None where not needed); it states how many ``[R, V]`` buffers it
+  holds, which sizes ``R``;
 * the gradient products ``dX = dz W``, ``dW += dz^T X``, ``db += sum dz`` (and the same for
   the reference with ``dr``); ``dW`` sums in the accumulation dtype (a float32 buffer of W's
   size for a bf16/fp16 W).
@@ -18,7 +20,7 @@ all, in the accumulation dtype) fit :data:`sftkey.config.chunk_budget_bytes`. Pe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -28,7 +30,6 @@ from .base import Head, Needs, accumulation_dtype
 from .products import product_dtype
 
 _ROW_ALIGN = 16
-_BLOCKS_PER_GROUP = 8  # [R, V] buffers of the accumulation dtype a group's loss may hold at once
 
 
 class PairBlock(NamedTuple):
@@ -42,9 +43,15 @@ class PairBlock(NamedTuple):
     extra: object = None
 
 
-#: ``block_fn(group, z, r) -> PairBlock``: ``group`` a slice of the tokens, ``z`` and ``r``
-#: ``[n, V]`` their logits (bias added) in the accumulation dtype.
-BlockFn = Callable[[slice, Tensor, Tensor], PairBlock]
+class BlockFn(Protocol):
+    """``block_fn(group, z, r) -> PairBlock``: ``group`` a slice of the tokens, ``z`` and ``r``
+    ``[n, V]`` their logits (bias added) in the accumulation dtype, which it may overwrite.
+    ``buffers``: how many ``[n, V]`` buffers of the accumulation dtype it holds at most, the
+    two given included (the group's rows are sized by it)."""
+
+    buffers: int
+
+    def __call__(self, group: slice, z: Tensor, r: Tensor) -> PairBlock: ...
 
 
 @dataclass(frozen=True)
@@ -116,10 +123,10 @@ class _Operands:
         return self.dx, dw, db
 
 
-def group_rows(n: int, vocab: int, acc: torch.dtype) -> int:
-    """Rows per group: ``_BLOCKS_PER_GROUP`` buffers ``[R, V]`` of ``acc`` within the budget, a
-    multiple of 16 (at least 16), at most ``n``."""
-    per_row = vocab * acc.itemsize * _BLOCKS_PER_GROUP
+def group_rows(n: int, vocab: int, acc: torch.dtype, buffers: int) -> int:
+    """Rows per group: ``buffers`` buffers ``[R, V]`` of ``acc`` within the budget, a multiple
+    of 16 (at least 16), at most ``n``."""
+    per_row = vocab * acc.itemsize * buffers
     return min(n, max(_ROW_ALIGN, config.chunk_budget_bytes // per_row // _ROW_ALIGN * _ROW_ALIGN))
 
 
@@ -127,7 +134,7 @@ def pair_pass(pair: Pair, block_fn: BlockFn, needs: Needs, ref_needs: Needs) -> 
     """Run ``block_fn`` over the groups of ``pair``'s tokens and form the gradients it returns."""
     n = pair.tokens
     policy, ref = _Operands(pair.policy, needs, n), _Operands(pair.ref, ref_needs, n)
-    step = group_rows(n, pair.policy.w.shape[0], policy.acc)
+    step = group_rows(n, pair.policy.w.shape[0], policy.acc, block_fn.buffers)
     blocks = []
     for start in range(0, n, step):
         group = slice(start, min(start + step, n))
