@@ -146,6 +146,8 @@ class LinearCrossEntropyLoss(nn.Module):
             value = getattr(self.options, f.name)
             if isinstance(value, Tensor):
                 parts.append(f"{f.name}=<tensor {tuple(value.shape)}>")
+            elif isinstance(value, tuple):
+                parts.append(f"{f.name}=<{len(value)} tensors>")
             elif value is not None and value != getattr(defaults, f.name):
                 parts.append(f"{f.name}={value!r}")
         return ", ".join(parts)

@@ -332,3 +332,11 @@ def test_anchored_loss_with_weights_that_need_a_gradient_and_all_ignored():
     loss = sftkey.linear_cross_entropy(x, w, ignored, bias=b, anchor=(xr, wr, br), backend="torch")
     grad, = torch.autograd.grad(loss, x)
     assert loss.item() == 0.0 and float(grad.abs().max()) == 0.0
+
+
+def test_module_form_takes_an_anchor():
+    (x, w, b, xr, wr, br), y, _ = _pair((6,), 8, 8, 11, torch.float64, seed=19)
+    module = sftkey.LinearCrossEntropyLoss(anchor=(xr, wr), anchor_weight=0.5, backend="torch")
+    want = sftkey.linear_cross_entropy(x, w, y, anchor=(xr, wr), anchor_weight=0.5, backend="reference")
+    assert_close(module(x, w, y).detach(), want.detach(), torch.float64, "module")
+    assert "anchor=<2 tensors>" in repr(module)
