@@ -118,7 +118,8 @@ class DivergenceOptions(Options):
 
     * ``kind``: "forward_kl" (``KL(q || p)``, q the reference), "reverse_kl" (``KL(p || q)``)
       or "jsd" (``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``).
-    * ``beta`` in [0, 1] (JSD only); ``temperature`` (> 0): both heads' logits divided by it
+    * ``beta`` in [0, 1] (JSD only; Liger's ``jsd_beta`` ``b`` in (0, 1) is ``beta = 1 - b``,
+      as its ``beta`` weights the teacher's term); ``temperature`` (> 0): both heads' logits divided by it
       (the loss is not scaled by ``T^2``; :func:`sftkey.methods.distill` is).
     * ``token_weights`` ``[...]`` like the tokens: the weight ``a_i`` (default 1);
       ``ignore_index``: the target value of tokens left out (with ``targets``).
