@@ -340,3 +340,13 @@ def test_module_form_takes_an_anchor():
     want = sftkey.linear_cross_entropy(x, w, y, anchor=(xr, wr), anchor_weight=0.5, backend="reference")
     assert_close(module(x, w, y).detach(), want.detach(), torch.float64, "module")
     assert "anchor=<2 tensors>" in repr(module)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_anchored_cross_entropy_in_every_dtype(dtype, small_groups):
+    tensors, y, _ = _pair((2, 9), 12, 20, 131, dtype, seed=20)
+
+    def combined(t, y, backend, **kw):
+        return sftkey.linear_cross_entropy(t[0], t[1], y, bias=t[2], anchor=(t[3], t[4], t[5]), backend=backend, **kw)
+
+    _compare(combined, tensors, y, dtype, dft=True, anchor_weight=0.1, what=f"anchored {dtype}")
