@@ -206,7 +206,7 @@ class AnchoredBlock:
         y, terms, coef = self.y[group], self.terms.select(group), self.coef[group]
         scale = self.scale.to(z.dtype)
         with torch.enable_grad():
-            leaf = z.requires_grad_(self.with_grads)
+            leaf = z.detach().requires_grad_(self.with_grads)
             capped = leaf if self.softcap is None else self.softcap * torch.tanh(leaf / self.softcap)
             stats = _stats(capped, y, terms, self.with_stats)
             ce = token_losses(stats, y, terms).sum() / scale

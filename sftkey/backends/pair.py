@@ -2,17 +2,18 @@
 tokens, group by group, never an ``N x V`` buffer (docs/design.md, "Two heads").
 
 A :class:`Pair` holds two :class:`~.base.Head`\\ s with the same vocabulary ``V`` and tokens
-(``D_ref`` may differ from ``D``). Rows go in groups of ``R`` rows sized so that the group's
-two logits blocks ``[R, V]`` and the same-sized temporaries of its loss (the block
-function's ``buffers``, in the accumulation dtype) fit :data:`sftkey.config.chunk_budget_bytes`.
+(``D_ref`` may differ from ``D``). Rows go in groups of ``R`` rows: the group's two logits products ``[R, V]`` fill half of
+:data:`sftkey.config.chunk_budget_bytes` each, and each group is worked through in blocks
+whose float32 work (the block function's ``buffers`` rows of ``V``) fills a quarter of it.
+Large groups keep the products large (``dW += dz^T X`` sums over ``R`` rows, once per group).
 Per group:
 
 * the logits products ``z = x W^T (+ b)`` and ``r = x_ref W_ref^T (+ b_ref)`` in the products'
   dtype (:func:`.products.product_dtype`: the inputs', or float32 from bf16/fp16 inputs
   where those products are not native; W is then up-cast once, a float32 buffer of its size);
-* the caller's block function on ``(z, r)`` in the accumulation dtype: the group's loss and
-  its ``dz``, ``dr`` (each None where not needed); it states how many ``[R, V]`` buffers it
-  holds, which sizes ``R``;
+* block by block, the caller's block function on ``(z, r)`` in the accumulation dtype: the
+  block's loss and its ``dz``, ``dr`` (each None where not needed), left in the group's
+  products buffers;
 * the gradient products ``dX = dz W``, ``dW += dz^T X``, ``db += sum dz`` (and the same for
   the reference with ``dr``); ``dW`` sums in the accumulation dtype (a float32 buffer of W's
   size for a bf16/fp16 W).
@@ -47,7 +48,7 @@ class BlockFn(Protocol):
     """``block_fn(group, z, r) -> PairBlock``: ``group`` a slice of the tokens, ``z`` and ``r``
     ``[n, V]`` their logits (bias added) in the accumulation dtype, which it may overwrite.
     ``buffers``: how many ``[n, V]`` buffers of the accumulation dtype it holds at most, the
-    two given included (the group's rows are sized by it)."""
+    two given included (the blocks' rows are sized by it)."""
 
     buffers: int
 
@@ -79,7 +80,7 @@ class PairResult(NamedTuple):
 class _Operands:
     """One head's operands in the products' dtype, its gradients and their sums."""
 
-    def __init__(self, head: Head, needs: Needs, n_tokens: int):
+    def __init__(self, head: Head, needs: Needs):
         x, w = head.x, head.w
         self.head, self.acc = head, accumulation_dtype(x.dtype)
         self.pdtype = product_dtype(x.device, x.dtype)
@@ -97,24 +98,36 @@ class _Operands:
         return x.to(self.pdtype)
 
     def logits(self, x: Tensor) -> Tensor:
-        z = torch.mm(x, self.w.t()).to(self.acc)
+        """A group's logits products ``[R, V]`` in the products' dtype (no bias)."""
+        return torch.mm(x, self.w.t())
+
+    def block_logits(self, out: Tensor) -> Tensor:
+        """A block's rows ``out`` of the group's products as logits in the accumulation dtype,
+        bias added (in place where the dtypes agree)."""
+        z = out.to(self.acc)
         return z if self.b is None else z.add_(self.b)
 
-    def add(self, group: slice, dz: Tensor, x: Tensor) -> None:
+    def keep(self, out: Tensor, dz: Tensor) -> None:
+        """Leave a block's ``dz`` in its rows ``out`` of the group's products (for the gradient
+        products); ``db`` sums in the accumulation dtype."""
         if self.db is not None:
             self.db.add_(dz.sum(dim=0))
-        d = dz.to(self.pdtype)
+        if dz.data_ptr() != out.data_ptr():
+            out.copy_(dz)
+
+    def add(self, group: slice, dz: Tensor, x: Tensor) -> None:
+        """The gradient products of a group's ``dz`` (its products' buffer) and hidden states ``x``."""
         if self.dx is not None:
-            part = torch.mm(d, self.w).to(self.dx.dtype)
+            part = torch.mm(dz, self.w).to(self.dx.dtype)
             if self.head.rows is None:
                 self.dx[group] = part
             else:
                 self.dx.index_copy_(0, self.head.rows[group], part)
         if self.dw is not None:
             if self.pdtype == self.acc:
-                self.dw.addmm_(d.t(), x)
+                self.dw.addmm_(dz.t(), x)
             else:
-                self.dw.add_(torch.mm(d.t(), x))
+                self.dw.add_(torch.mm(dz.t(), x))
 
     def grads(self) -> tuple:
         head = self.head
@@ -123,26 +136,37 @@ class _Operands:
         return self.dx, dw, db
 
 
-def group_rows(n: int, vocab: int, acc: torch.dtype, buffers: int) -> int:
-    """Rows per group: ``buffers`` buffers ``[R, V]`` of ``acc`` within the budget, a multiple
-    of 16 (at least 16), at most ``n``."""
-    per_row = vocab * acc.itemsize * buffers
-    return min(n, max(_ROW_ALIGN, config.chunk_budget_bytes // per_row // _ROW_ALIGN * _ROW_ALIGN))
+def _rows(budget: int, bytes_per_row: int, n: int) -> int:
+    """Rows of ``bytes_per_row`` within ``budget``: a multiple of 16 (at least 16), at most ``n``."""
+    return min(n, max(_ROW_ALIGN, budget // bytes_per_row // _ROW_ALIGN * _ROW_ALIGN))
 
 
 def pair_pass(pair: Pair, block_fn: BlockFn, needs: Needs, ref_needs: Needs) -> PairResult:
-    """Run ``block_fn`` over the groups of ``pair``'s tokens and form the gradients it returns."""
-    n = pair.tokens
-    policy, ref = _Operands(pair.policy, needs, n), _Operands(pair.ref, ref_needs, n)
-    step = group_rows(n, pair.policy.w.shape[0], policy.acc, block_fn.buffers)
+    """Run ``block_fn`` over the blocks of ``pair``'s tokens and form the gradients it returns."""
+    n, V = pair.tokens, pair.policy.w.shape[0]
+    policy, ref = _Operands(pair.policy, needs), _Operands(pair.ref, ref_needs)
+    budget = config.chunk_budget_bytes
+    step = _rows(budget // 2, V * policy.pdtype.itemsize, n)
+    block_step = _rows(budget // 4, V * policy.acc.itemsize * block_fn.buffers, step)
     blocks = []
     for start in range(0, n, step):
         group = slice(start, min(start + step, n))
         x, x_ref = policy.hidden(group), ref.hidden(group)
-        block = block_fn(group, policy.logits(x), ref.logits(x_ref))
-        if block.dz is not None and any(needs):
-            policy.add(group, block.dz, x)
-        if block.dr is not None and any(ref_needs):
-            ref.add(group, block.dr, x_ref)
-        blocks.append(block._replace(dz=None, dr=None))
+        z_out, r_out = policy.logits(x), ref.logits(x_ref)
+        formed = formed_ref = False
+        for b0 in range(0, group.stop - group.start, block_step):
+            rows = slice(b0, min(b0 + block_step, group.stop - group.start))
+            z, r = policy.block_logits(z_out[rows]), ref.block_logits(r_out[rows])
+            block = block_fn(slice(start + rows.start, start + rows.stop), z, r)
+            if block.dz is not None and any(needs):
+                policy.keep(z_out[rows], block.dz)
+                formed = True
+            if block.dr is not None and any(ref_needs):
+                ref.keep(r_out[rows], block.dr)
+                formed_ref = True
+            blocks.append(block._replace(dz=None, dr=None))
+        if formed:
+            policy.add(group, z_out, x)
+        if formed_ref:
+            ref.add(group, r_out, x_ref)
     return PairResult(blocks, policy.grads(), ref.grads())
