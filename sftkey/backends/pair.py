@@ -97,9 +97,14 @@ class _Operands:
         x = x[group] if self.head.rows is None else x.index_select(0, self.head.rows[group])
         return x.to(self.pdtype)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """A group's logits products ``[R, V]`` in the products' dtype (no bias)."""
-        return torch.mm(x, self.w.t())
+    def logits(self, x: Tensor, out: Tensor) -> Tensor:
+        """A group's logits products ``[R, V]`` in the products' dtype (no bias), into the
+        first ``R`` rows of ``out`` (one buffer for every group: the allocator is not asked
+        for a new one per group)."""
+        return torch.mm(x, self.w.t(), out=out[: x.shape[0]])
+
+    def products_buffer(self, rows: int) -> Tensor:
+        return torch.empty(rows, self.w.shape[0], dtype=self.pdtype, device=self.w.device)
 
     def block_logits(self, out: Tensor) -> Tensor:
         """A block's rows ``out`` of the group's products as logits in the accumulation dtype,
@@ -148,25 +153,34 @@ def pair_pass(pair: Pair, block_fn: BlockFn, needs: Needs, ref_needs: Needs) -> 
     budget = config.chunk_budget_bytes
     step = _rows(budget // 2, V * policy.pdtype.itemsize, n)
     block_step = _rows(budget // 4, V * policy.acc.itemsize * block_fn.buffers, step)
+    buffers = policy.products_buffer(step), ref.products_buffer(step)
     blocks = []
     for start in range(0, n, step):
         group = slice(start, min(start + step, n))
-        x, x_ref = policy.hidden(group), ref.hidden(group)
-        z_out, r_out = policy.logits(x), ref.logits(x_ref)
-        formed = formed_ref = False
-        for b0 in range(0, group.stop - group.start, block_step):
-            rows = slice(b0, min(b0 + block_step, group.stop - group.start))
-            z, r = policy.block_logits(z_out[rows]), ref.block_logits(r_out[rows])
-            block = block_fn(slice(start + rows.start, start + rows.stop), z, r)
-            if block.dz is not None and any(needs):
-                policy.keep(z_out[rows], block.dz)
-                formed = True
-            if block.dr is not None and any(ref_needs):
-                ref.keep(r_out[rows], block.dr)
-                formed_ref = True
-            blocks.append(block._replace(dz=None, dr=None))
-        if formed:
-            policy.add(group, z_out, x)
-        if formed_ref:
-            ref.add(group, r_out, x_ref)
+        blocks += _group(group, policy, ref, buffers, block_fn, block_step, any(needs), any(ref_needs))
     return PairResult(blocks, policy.grads(), ref.grads())
+
+
+def _group(group: slice, policy: _Operands, ref: _Operands, buffers: tuple, block_fn: BlockFn, block_step: int,
+           grads: bool, ref_grads: bool) -> list:
+    """One group's products (into ``buffers``), its blocks and its gradient products; nothing
+    of it outlives the call but the blocks' losses."""
+    x, x_ref = policy.hidden(group), ref.hidden(group)
+    z_out, r_out = policy.logits(x, buffers[0]), ref.logits(x_ref, buffers[1])
+    blocks, formed, formed_ref = [], False, False
+    for b0 in range(0, group.stop - group.start, block_step):
+        rows = slice(b0, min(b0 + block_step, group.stop - group.start))
+        z, r = policy.block_logits(z_out[rows]), ref.block_logits(r_out[rows])
+        block = block_fn(slice(group.start + rows.start, group.start + rows.stop), z, r)
+        if block.dz is not None and grads:
+            policy.keep(z_out[rows], block.dz)
+            formed = True
+        if block.dr is not None and ref_grads:
+            ref.keep(r_out[rows], block.dr)
+            formed_ref = True
+        blocks.append(block._replace(dz=None, dr=None))
+    if formed:
+        policy.add(group, z_out, x)
+    if formed_ref:
+        ref.add(group, r_out, x_ref)
+    return blocks
