@@ -350,3 +350,17 @@ def test_anchored_cross_entropy_in_every_dtype(dtype, small_groups):
         return sftkey.linear_cross_entropy(t[0], t[1], y, bias=t[2], anchor=(t[3], t[4], t[5]), backend=backend, **kw)
 
     _compare(combined, tensors, y, dtype, dft=True, anchor_weight=0.1, what=f"anchored {dtype}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_gradcheck_both_heads(kind, reduction):
+    """Finite differences in float64, both heads differentiable (``ref_grad``), temperature
+    and bias on: the single pass and the recompute path."""
+    tensors, y, _ = _pair((5,), 6, 4, 11, torch.float64, seed=21)
+
+    def f(*t):
+        return sftkey.linear_divergence(t[0], t[1], t[3], t[4], y, bias=t[2], ref_bias=t[5], kind=kind, beta=0.3,
+                                        temperature=1.3, ref_grad=True, reduction=reduction, backend="torch")
+
+    assert torch.autograd.gradcheck(f, tensors)
