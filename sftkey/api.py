@@ -1,5 +1,5 @@
-"""The public functions: :func:`linear_cross_entropy`, :class:`LinearCrossEntropyLoss` and
-:func:`logit_stats`. Each builds its options (:mod:`sftkey.options`), prepares its inputs
+"""The public functions: :func:`linear_cross_entropy`, :class:`LinearCrossEntropyLoss`,
+:func:`logit_stats` and :func:`linear_divergence`. Each builds its options (:mod:`sftkey.options`), prepares its inputs
 (:mod:`sftkey.inputs`) and hands them to the passes (:mod:`sftkey.passes`) on a backend."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import compiled, passes, reference, validation
+from . import compiled, pair_passes, passes, reference, validation
 from .backends import get_backend
-from .inputs import prepare
-from .options import HeadOptions, LossOptions, with_options
+from .inputs import prepare, prepare_pair, ref_head
+from .options import DivergenceOptions, HeadOptions, LossOptions, with_options
 from .results import LogitStats, LossStats
 
 _REFERENCE_IGNORES = ("backend", "filter_eps")
@@ -31,9 +31,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     shaped like ``targets`` for ``reduction="none"``; with ``return_stats``,
     ``(loss, LossStats)``. For ``"mean"``/``"sum"``, tokens without a loss (ignored, or every
     weight zero) take no matrix products for gradients. Under ``torch.compile`` the call is
-    traced without graph breaks (:mod:`sftkey.compiled`).
+    traced without graph breaks (:mod:`sftkey.compiled`), except with an ``anchor``, which
+    is eager only. With ``anchor=(ref_hidden, ref_weight[, ref_bias])`` (a frozen reference
+    head, ``ref_hidden [..., D_ref]``, ``ref_weight [V, D_ref]``) each token's loss also takes
+    ``anchor_weight * a_i * D_i`` (``anchor_kind``, docs/design.md "Two heads"), in the same
+    pass over the policy logits for ``"mean"``/``"sum"``.
     """
     opts = LossOptions.build(options, kwargs, "linear_cross_entropy")
+    if opts.anchor is not None:
+        return _anchored(hidden, weight, targets, bias, opts)
     if torch.compiler.is_compiling() and opts.backend != "reference":
         return compiled.linear_cross_entropy(hidden, weight, targets, bias, opts)
     p = prepare(hidden, weight, targets, bias, opts, check_values=not torch.compiler.is_compiling())
@@ -64,6 +70,55 @@ def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Option
     return LogitStats.of(stats, p.y, p.shape)
 
 
+def _anchored(hidden, weight, targets, bias, opts: LossOptions):
+    """``linear_cross_entropy`` with an anchor (:func:`sftkey.pair_passes.anchored_loss`)."""
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("linear_cross_entropy(anchor=...) is not traced by torch.compile yet: call it "
+                                  "outside the compiled region (or compile the model body only)")
+    ref_hidden, ref_weight, *rest = opts.anchor
+    ref_bias = rest[0] if rest else None
+    if isinstance(hidden, Tensor) and isinstance(weight, Tensor):
+        validation.check_pair(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    p = prepare(hidden, weight, targets, bias, opts)
+    if opts.backend == "reference":
+        return reference.linear_cross_entropy(hidden, weight, targets, bias=bias, **_reference_kwargs(opts))
+    ref = ref_head(ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), p.y)
+    d = pair_passes.Divergence(opts.anchor_kind, opts.anchor_beta)
+    loss, stats = pair_passes.anchored_loss(p, ref, d, opts.anchor_weight, get_backend(opts.backend, p.head.x.device))
+    if opts.reduction == "none":
+        loss = loss.reshape(p.shape)
+    return (loss, LossStats.of(stats, p.y, p.shape)) if opts.return_stats else loss
+
+
+@with_options(DivergenceOptions, after="targets")
+def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
+                      targets: Optional[Tensor] = None, *, bias: Optional[Tensor] = None,
+                      ref_bias: Optional[Tensor] = None, options: Optional[DivergenceOptions] = None, **kwargs):
+    """The divergence between the policy head's distribution ``p = softmax((hidden @ weight.T +
+    bias) / T)`` and the reference head's ``q = softmax((ref_hidden @ ref_weight.T + ref_bias)
+    / T)``, token by token, weighted and reduced; neither head's ``N x V`` logits are formed.
+
+    ``hidden [..., D]``, ``weight [V, D]``, ``ref_hidden [..., D_ref]``, ``ref_weight [V,
+    D_ref]`` (one float dtype, or any under autocast; the same vocabulary ``V``), ``targets``
+    ``[...]`` int64/int32 or None: only which tokens count (``ignore_index``), not the loss.
+    The options (:class:`~sftkey.options.DivergenceOptions`: ``kind``, ``beta``,
+    ``temperature``, ``token_weights``, ``ignore_index``, ``shift``, ``reduction``,
+    ``normalizer``, ``ref_grad``, ``backend``) are keyword arguments or ``options=``.
+    Returns a float32 loss (float64 for float64 inputs): a scalar, or per token for
+    ``reduction="none"``. The reference gets no gradient unless ``ref_grad=True``."""
+    opts = DivergenceOptions.build(options, kwargs, "linear_divergence")
+    if not opts.ref_grad:
+        ref_hidden, ref_weight, ref_bias = (t.detach() if isinstance(t, Tensor) else t
+                                            for t in (ref_hidden, ref_weight, ref_bias))
+    pp = prepare_pair(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, opts)
+    if opts.backend == "reference":
+        return reference.linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, bias=bias,
+                                           ref_bias=ref_bias, **{f.name: getattr(opts, f.name) for f in fields(opts)})
+    d = pair_passes.Divergence(opts.kind, float(opts.beta), float(opts.temperature))
+    with pp.autocast_off():
+        return pair_passes.divergence(pp, d, opts.reduction, opts.normalizer)
+
+
 def _reference_kwargs(opts: HeadOptions) -> dict:
     return {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in _REFERENCE_IGNORES}
 
@@ -91,6 +146,8 @@ class LinearCrossEntropyLoss(nn.Module):
             value = getattr(self.options, f.name)
             if isinstance(value, Tensor):
                 parts.append(f"{f.name}=<tensor {tuple(value.shape)}>")
+            elif isinstance(value, tuple):
+                parts.append(f"{f.name}=<{len(value)} tensors>")
             elif value is not None and value != getattr(defaults, f.name):
                 parts.append(f"{f.name}={value!r}")
         return ", ".join(parts)

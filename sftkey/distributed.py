@@ -114,6 +114,9 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, ta
     opts = LossOptions.build(options, kwargs, "vocab_parallel_linear_cross_entropy")
     if opts.backend == "reference":
         raise ValueError("backend='reference' materializes the logits; use 'auto', 'torch' or 'triton' per shard")
+    if opts.anchor is not None:
+        raise ValueError("anchor is not supported on a vocabulary-parallel head: call linear_cross_entropy on the "
+                         "full head")
     size = weight_shard.shape[0]
     start, V = _shard_layout(size, vocab_start, group, hidden.device)
     p = prepare(hidden, weight_shard, targets, bias, opts, vocab_size=V)

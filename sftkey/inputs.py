@@ -15,8 +15,9 @@ from torch import Tensor
 
 from . import validation
 from .backends.base import Head, accumulation_dtype
+from .backends.pair import Pair
 from .loss import TokenTerms
-from .options import HeadOptions, LossOptions
+from .options import DivergenceOptions, HeadOptions, LossOptions
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,14 @@ class Prepared:
 
     def autocast_off(self):
         """Keep an enclosing ``torch.autocast`` from re-casting the backends' products."""
-        device_type = self.head.x.device.type
-        if validation.autocast_enabled(device_type):
-            return torch.autocast(device_type, enabled=False)
-        return contextlib.nullcontext()
+        return autocast_off(self.head.x.device.type)
+
+
+def autocast_off(device_type: str):
+    """A context that switches an enclosing ``torch.autocast`` off on ``device_type`` (else nothing)."""
+    if validation.autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def shifted(t: Tensor, fill) -> Tensor:
@@ -107,3 +112,55 @@ def prepare(hidden, weight, targets, bias, options: HeadOptions, *, vocab_size: 
                 b=None if bias is None else bias.contiguous(), y=y, c=c,
                 softcap=None if options.softcap is None else float(options.softcap))
     return Prepared(head=head, y=y, terms=terms, options=options, shape=targets.shape)
+
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """The inputs of a two-head call: ``pair`` (:class:`~sftkey.backends.pair.Pair`, every
+    token, ``rows`` None); ``valid`` ``[N]`` bool: the tokens that count (not ignored; after
+    ``shift``); ``weights`` ``[N]`` in the accumulation dtype or None (ones); ``shape``: the
+    shape per-token outputs take."""
+
+    pair: Pair
+    valid: Tensor
+    weights: Optional[Tensor]
+    shape: torch.Size
+
+    @property
+    def acc(self) -> torch.dtype:
+        return accumulation_dtype(self.pair.policy.x.dtype)
+
+    def autocast_off(self):
+        return autocast_off(self.pair.policy.x.device.type)
+
+
+def ref_head(ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Optional[Tensor], y: Tensor) -> Head:
+    """The reference head over the same ``N`` tokens (autocast applied as to the policy's)."""
+    ref_hidden, ref_weight, ref_bias = _autocast(ref_hidden, ref_weight, ref_bias)
+    return Head(x=ref_hidden.reshape(-1, ref_hidden.shape[-1]).contiguous(), w=ref_weight.contiguous(),
+                b=None if ref_bias is None else ref_bias.contiguous(), y=y, c=None, softcap=None)
+
+
+def prepare_pair(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, options: DivergenceOptions,
+                 check_values: bool = True) -> PreparedPair:
+    """Check both heads and the options, apply autocast and ``shift``, flatten to ``N`` tokens.
+    ``targets`` None: every position counts (with ``shift``, all but the last)."""
+    ignore_index = options.ignore_index
+    if targets is None and isinstance(hidden, Tensor):
+        targets, ignore_index = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device), -1
+    autocast = isinstance(hidden, Tensor) and validation.autocast_enabled(hidden.device.type)
+    validation.check_head(hidden, weight, targets, bias, autocast=autocast)
+    validation.check_pair(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    validation.check_token_weights(options.token_weights, targets)
+    if options.shift and targets.dim() < 1:
+        raise ValueError("shift=True needs tokens with a sequence dimension, got 0-d targets")
+    if check_values:
+        validation.check_values(targets, weight.shape[0], ignore_index, options.token_weights)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    y = flat_targets(targets, ignore_index, options.shift)
+    policy = Head(x=hidden.reshape(-1, hidden.shape[-1]).contiguous(), w=weight.contiguous(),
+                  b=None if bias is None else bias.contiguous(), y=y, c=None, softcap=None)
+    acc = accumulation_dtype(hidden.dtype)
+    shape = targets.shape
+    return PreparedPair(Pair(policy, ref_head(ref_hidden, ref_weight, ref_bias, y)), y >= 0,
+                        flat_weights(options.token_weights, options.shift, acc), shape)

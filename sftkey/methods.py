@@ -19,6 +19,13 @@ With ``p_y = exp(st.target_logprob)`` and ``ce = -log p_y`` on non-ignored token
 * ``focal``: ``-(1 - p_y)^gamma * log p_y`` (focal loss).
 
 Presets add up: ``methods.sft(st) + methods.entropy_bonus(st, 0.01)``.
+
+Two recipes need a second head (a frozen reference or a teacher), so they take the hidden
+states and heads themselves, not statistics (docs/methods.md):
+
+* ``asft``: Anchored SFT, ``stopgrad(p_y) * ce + kl_weight * KL(p_ref || p_theta)``, one pass
+  over the policy logits (:func:`sftkey.linear_cross_entropy` with ``dft`` and an ``anchor``);
+* ``distill``: ``T^2 * D(teacher, student)`` at temperature ``T`` (:func:`sftkey.linear_divergence`).
 """
 from __future__ import annotations
 
@@ -27,13 +34,17 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .api import linear_cross_entropy, linear_divergence
 from .results import LogitStats
 from .loss import nonzero
 from .loss import reduce as reduce_losses
 from .sed import SED_SFT_SETTINGS, SedSettings, calibrate_sed_threshold, top_mass
 
-__all__ = ["sft", "sftkey", "cft", "dft", "sed_sft", "entropy_bonus", "focal", "reduce",
+__all__ = ["sft", "sftkey", "cft", "dft", "sed_sft", "entropy_bonus", "focal", "reduce", "asft", "distill",
            "calibrate_sed_threshold", "top_mass", "SED_SFT_SETTINGS", "SedSettings"]
+
+#: ASFT's ``kl_weight`` default in the authors' train.py (their README's example uses 0.05).
+ASFT_KL_WEIGHT = 0.1
 
 
 def _valid_only(st: LogitStats, loss: Tensor) -> Tensor:
@@ -116,3 +127,34 @@ def reduce(losses: Tensor, st: LogitStats, *, weights: Optional[Tensor] = None,
             normalizer = per_token.sum()
         denom = nonzero(torch.as_tensor(normalizer, dtype=losses.dtype, device=losses.device))
     return reduce_losses(losses, reduction, denom)
+
+
+def asft(hidden: Tensor, weight: Tensor, targets: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *,
+         kl_weight: float = ASFT_KL_WEIGHT, bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+         **options) -> Tensor:
+    """Anchored SFT (arXiv 2509.23753): per token ``stopgrad(p_y) * ce + kl_weight * KL(q || p)``,
+    ``p`` the policy's distribution, ``q`` the frozen reference's (``ref_hidden [..., D_ref]``,
+    ``ref_weight [V, D_ref]``), averaged over the non-ignored tokens; one pass over both heads.
+    ``options``: further :class:`~sftkey.options.LossOptions` (``shift``, ``token_weights``,
+    ``reduction``, ...; token weights weight both terms)."""
+    anchor = (ref_hidden, ref_weight) if ref_bias is None else (ref_hidden, ref_weight, ref_bias)
+    return linear_cross_entropy(hidden, weight, targets, bias=bias, dft=True, anchor=anchor,
+                                anchor_weight=kl_weight, anchor_kind="forward_kl", **options)
+
+
+def distill(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+            targets: Optional[Tensor] = None, *, kind: str = "forward_kl", temperature: float = 1.0,
+            beta: float = 0.5, bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+            **options) -> Tensor:
+    """Knowledge distillation: ``T^2 * D`` with ``D`` the ``kind`` divergence between the
+    student's (``hidden``, ``weight``) and the teacher's tempered distributions (forward KL
+    ``KL(teacher || student)`` by default, as in Hinton et al.; "jsd" with ``beta``, as
+    Liger's fused linear JSD), ``T = temperature``. The ``T^2`` keeps the gradients' scale
+    independent of ``T`` (Hinton et al., 2015). ``options``:
+    :class:`~sftkey.options.DivergenceOptions` (``token_weights``, ``shift``, ``reduction``,
+    ...); ``targets`` only mark the tokens (``ignore_index``). Add a cross-entropy term for
+    the hard labels with :func:`sftkey.linear_cross_entropy` (or, at ``T = 1``, in the same
+    pass with its ``anchor``)."""
+    loss = linear_divergence(hidden, weight, teacher_hidden, teacher_weight, targets, bias=bias,
+                             ref_bias=teacher_bias, kind=kind, temperature=temperature, beta=beta, **options)
+    return loss * temperature ** 2

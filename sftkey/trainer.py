@@ -86,16 +86,23 @@ class FusedLossMixin:
       target_logprob)`` (see :meth:`prediction_step`).
     * A batch that lacks the ``token_weights`` / ``entropy_weights`` its dataset's features
       have (dropped by ``remove_unused_columns`` or by the collator) raises ``ValueError``.
+    * ``reference_model`` (a frozen causal LM on the model's device) and ``loss_options`` (the
+      defaults of :func:`~sftkey.integrations.transformers.use_fused_loss`) go to the patch made
+      here. ASFT: ``SFTKeyTrainer(..., reference_model=ref, loss_options=dict(dft=True,
+      anchor_weight=0.1))``.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reference_model=None, loss_options: Optional[Mapping[str, Any]] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        options = {}
+        options = dict(loss_options or {})
         if self.label_smoother is not None:  # it would need logits; the fused loss smooths instead
             options["label_smoothing"] = self.args.label_smoothing_factor
             self.label_smoother = None
         if not is_patched(self.model):
-            use_fused_loss(self.model, **options)
+            use_fused_loss(self.model, reference_model=reference_model, **options)
+        elif reference_model is not None or loss_options:
+            raise ValueError("reference_model, loss_options: the model is already patched; pass them to "
+                             "use_fused_loss instead")
         elif options:
             raise ValueError("label_smoothing_factor: the model is already patched; pass "
                              "label_smoothing to use_fused_loss instead")

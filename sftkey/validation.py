@@ -179,12 +179,17 @@ def check_head_tensors(opts, targets: Tensor, vocab_size: int) -> None:
         _same_device("class_weights", opts.class_weights, targets.device)
 
 
+def check_token_weights(token_weights: Optional[Tensor], targets: Tensor) -> None:
+    """``token_weights``, when given, are shaped like ``targets`` on its device."""
+    if token_weights is not None:
+        _shaped("token_weights", token_weights, targets.shape, "the shape of targets")
+        _same_device("token_weights", token_weights, targets.device)
+
+
 def check_loss_tensors(opts, targets: Tensor) -> None:
     """The per-token options are shaped like ``targets [...]`` (``entropy_weights``: or a
     scalar) on its device; ``shift`` has a sequence dimension to shift along."""
-    if opts.token_weights is not None:
-        _shaped("token_weights", opts.token_weights, targets.shape, "the shape of targets")
-        _same_device("token_weights", opts.token_weights, targets.device)
+    check_token_weights(opts.token_weights, targets)
     ew = opts.entropy_weights
     if isinstance(ew, Tensor):
         if ew.dim() != 0:
@@ -192,3 +197,82 @@ def check_loss_tensors(opts, targets: Tensor) -> None:
         _same_device("entropy_weights", ew, targets.device)
     if opts.shift and targets.dim() < 1:
         raise ValueError("shift=True needs targets with a sequence dimension, got a 0-d tensor")
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kind(name: str, value) -> None:
+    if value not in DIVERGENCES:
+        raise ValueError(f"{name} must be one of {DIVERGENCES}, got {value!r}")
+
+
+def check_divergence_options(opts) -> None:
+    """The options of a :class:`~sftkey.options.DivergenceOptions` (shapes in :func:`check_pair`)."""
+    _kind("kind", opts.kind)
+    _number("beta", opts.beta, low=0.0, high=1.0)
+    _number("temperature", opts.temperature, low=0.0, low_open=True)
+    if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(opts.ignore_index).__name__}")
+    if opts.token_weights is not None:
+        _floating("token_weights", _tensor("token_weights", opts.token_weights))
+    if opts.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
+    if opts.normalizer is not None:
+        value = float(opts.normalizer) if isinstance(opts.normalizer, Tensor) else _number("normalizer", opts.normalizer)
+        if not value > 0:
+            raise ValueError(f"normalizer must be > 0, got {value}")
+    for name in ("shift", "ref_grad"):
+        if not isinstance(getattr(opts, name), bool):
+            raise TypeError(f"{name} must be a bool, got {type(getattr(opts, name)).__name__}")
+    if opts.backend not in ("auto", "torch", "reference"):
+        if opts.backend == "triton":
+            raise ValueError("backend='triton' has no two-head kernels yet: linear_divergence and the anchor run on "
+                             "backend='torch' (or 'auto')")
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference'), got {opts.backend!r}")
+
+
+def check_anchor_options(opts) -> None:
+    """The anchor options of a :class:`~sftkey.options.LossOptions` (tensors in :func:`check_pair`)."""
+    _kind("anchor_kind", opts.anchor_kind)
+    _number("anchor_weight", opts.anchor_weight)
+    _number("anchor_beta", opts.anchor_beta, low=0.0, high=1.0)
+    if opts.anchor is None:
+        return
+    if not isinstance(opts.anchor, tuple) or len(opts.anchor) not in (2, 3):
+        raise TypeError("anchor must be a tuple (ref_hidden, ref_weight) or (ref_hidden, ref_weight, ref_bias)")
+    if isinstance(opts.backend, str) and opts.backend == "triton":
+        raise ValueError("backend='triton' has no two-head kernels yet: a loss with an anchor runs on "
+                         "backend='torch' (or 'auto')")
+
+
+def check_pair(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight, ref_bias) -> None:
+    """The reference head against the policy's (checked first by :func:`check_head`):
+    ``ref_hidden [..., D_ref]`` with ``hidden``'s leading dimensions, ``ref_weight [V, D_ref]``
+    with ``weight``'s vocabulary, ``ref_bias [V]``; floating, on ``hidden``'s device; the
+    reference in the policy's dtype outside autocast."""
+    ref_hidden, ref_weight = _tensor("ref_hidden", ref_hidden), _tensor("ref_weight", ref_weight)
+    _floating("ref_hidden", ref_hidden)
+    _floating("ref_weight", ref_weight)
+    if ref_weight.dim() != 2:
+        raise ValueError(f"ref_weight must have shape [V, D_ref], got {tuple(ref_weight.shape)}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}: the two heads "
+                         "must share the vocabulary")
+    if ref_hidden.dim() < 1 or ref_weight.shape[1] != ref_hidden.shape[-1]:
+        raise ValueError(f"ref_weight has D_ref={ref_weight.shape[1]} but ref_hidden has shape {tuple(ref_hidden.shape)}")
+    if ref_weight.shape[1] == 0:
+        raise ValueError("ref_weight must have D_ref >= 1")
+    _shaped("ref_hidden", ref_hidden, torch.Size([*hidden.shape[:-1], ref_hidden.shape[-1]]),
+            "hidden's leading dimensions")
+    autocast = autocast_enabled(hidden.device.type)
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if t is None:
+            continue
+        t = _tensor(name, t)
+        _floating(name, t)
+        _same_device(name, t, hidden.device)
+        if t.dtype != hidden.dtype and not autocast:
+            raise TypeError(f"{name} ({t.dtype}) and hidden ({hidden.dtype}) must share a dtype outside torch.autocast")
+    if ref_bias is not None:
+        _shaped("ref_bias", ref_bias, weight.shape[:1], "[V]")

@@ -46,6 +46,15 @@ arguments, which win. With ``return_stats=True`` the output carries ``output.sta
 (:class:`sftkey.LossStats`: ``lse``, ``entropy``, ``target_logprob``, ``correct``, ``predicted``, shaped
 like the labels after the shift; last in the tuple with ``return_dict=False``).
 
+A frozen reference model (``use_fused_loss(model, reference_model=ref)``) adds the anchor
+of ``linear_cross_entropy(..., anchor=...)`` (``anchor_weight``, ``anchor_kind``): each
+labelled call also runs ``ref`` on the same arguments under ``no_grad``, stops it when it
+calls its LM head (a forward pre-hook that raises, so no reference logits are formed) and
+keeps that head's input, the reference's final hidden states. ASFT is
+``use_fused_loss(model, reference_model=ref, dft=True, anchor_weight=0.1)``. The reference's
+logits must be its head's output as they are (a config soft-cap or logit scale on the
+reference raises ``NotImplementedError``); put it in ``eval()`` mode yourself.
+
 Patch the model itself, before wrapping it in DDP/FSDP. The forward's signature lists the
 loss options, so ``Trainer(remove_unused_columns=True)`` keeps a ``token_weights`` column.
 
@@ -79,7 +88,7 @@ __all__ = ["use_fused_loss", "is_patched", "fused_loss_handle", "FusedLossHandle
 #: Keyword arguments of ``model(...)`` that go to :func:`sftkey.linear_cross_entropy`: its
 #: options (:class:`sftkey.LossOptions`) but those the model itself sets (the label shift,
 #: its soft-cap, the Trainer's normalizer, the mean reduction).
-LOSS_OPTIONS = tuple(n for n in LossOptions.names() if n not in ("shift", "softcap", "normalizer", "reduction"))
+LOSS_OPTIONS = tuple(n for n in LossOptions.names() if n not in ("shift", "softcap", "normalizer", "reduction", "anchor"))
 _EXTRA_KWARGS = (*LOSS_OPTIONS, "shift_labels", "num_items_in_batch")
 _PER_TOKEN = ("token_weights", "entropy_weights")
 _PROBE = (1.0, -3.0)
@@ -91,18 +100,24 @@ _TRL_ADVICE = ("TRL's fused LM head (fused_lm_head=True) computes the plain NLL 
                "sftkey.trainer.FusedLossMixin in front of it: class FusedSFTTrainer(FusedLossMixin, SFTTrainer)")
 
 
-def use_fused_loss(model: nn.Module, **options) -> "FusedLossHandle":
+def use_fused_loss(model: nn.Module, reference_model: Optional[nn.Module] = None, **options) -> "FusedLossHandle":
     """Make ``model`` (a Hugging Face causal LM, or a PEFT model around one) compute its loss
     with :func:`sftkey.linear_cross_entropy` whenever it is called with ``labels``.
 
-    ``options``: defaults for the :data:`LOSS_OPTIONS`. Returns a :class:`FusedLossHandle`;
+    ``options``: defaults for the :data:`LOSS_OPTIONS`. ``reference_model``: a frozen causal
+    LM with the same vocabulary whose final hidden states and LM head are the loss's
+    ``anchor`` (see the module docstring). Returns a :class:`FusedLossHandle`;
     ``handle.remove()`` restores the forward, and ``with use_fused_loss(model): ...`` patches
     for the block only.
     """
     unknown = sorted(set(options) - set(LOSS_OPTIONS))
     if unknown:
         raise TypeError(f"use_fused_loss: unknown options {unknown}; expected any of {list(LOSS_OPTIONS)}")
-    return FusedLossHandle(_causal_lm(model), options)
+    anchoring = sorted(k for k in options if k.startswith("anchor_"))
+    if anchoring and reference_model is None:
+        raise ValueError(f"use_fused_loss: {', '.join(anchoring)} given without a reference_model to anchor to")
+    return FusedLossHandle(_causal_lm(model), options,
+                           None if reference_model is None else _checked_reference(_causal_lm(reference_model)))
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -120,7 +135,7 @@ class FusedLossHandle:
     """The patch of one model's forward and its LM head's; :meth:`remove` (or leaving a
     ``with`` block) undoes it."""
 
-    def __init__(self, model: nn.Module, options: dict):
+    def __init__(self, model: nn.Module, options: dict, reference: Optional[nn.Module] = None):
         if is_patched(model):
             raise ValueError("use_fused_loss: the model is already patched; remove() the first patch")
         head = model.get_output_embeddings()
@@ -129,7 +144,7 @@ class FusedLossHandle:
         _refuse_adapter(head)
         if isinstance(getattr(head, _HEAD_ATTR, None), FusedLossHandle):
             raise ValueError("use_fused_loss: the LM head is patched by another model's patch; remove() it first")
-        self.model, self.head, self.options = model, head, options
+        self.model, self.head, self.options, self.reference = model, head, options, reference
         self._saved = model.__dict__.get("forward", _MISSING)
         self._head_saved = head.__dict__.get("forward", _MISSING)
         self._call_original = _unbound(model.forward, model)
@@ -226,6 +241,8 @@ class FusedLossHandle:
         # reads. The hidden states reach it through the step; the call's argument is a detached copy,
         # as FSDP2 would hook the reduction of the head's gradient on a differentiable argument's
         # backward, before the embedding's share of a tied weight arrives (a unit of both modules).
+        if self.reference is not None:
+            options = {**options, "anchor": _reference_head(self.reference, recorded[0].device, args, kwargs)}
         ran = []
         loss_step = functools.partial(self._head_loss, ran, recorded[0], targets, shift, normalizer, options)
         result = self._with_step(loss_step, model.get_output_embeddings(), recorded[0].detach())
@@ -291,6 +308,57 @@ class FusedLossHandle:
                 f"{' and the soft-cap ' + str(cap) if cap else ''} (head outputs {_PROBE} became "
                 f"{logits.detach().reshape(-1, 2)[0].tolist()}); the fused loss cannot reproduce it")
         return 1.0 if math.isclose(scale, 1.0, rel_tol=1e-6) else scale
+
+
+class _AtHead(Exception):
+    """Raised by the reference's LM head pre-hook: its input, the final hidden states."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__("reference model stopped at its LM head")
+        self.hidden = hidden
+
+
+def _stop_at_head(_head: nn.Module, args) -> None:
+    raise _AtHead(args[0])
+
+
+_REF_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling",
+                       "lm_head_multiplier")
+
+
+def _checked_reference(reference: nn.Module) -> nn.Module:
+    """``reference``, refused where its logits are not its head's output as they are."""
+    head = reference.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"use_fused_loss: the reference model {type(reference).__name__} has no LM head")
+    _refuse_adapter(head)
+    config = reference.config.get_text_config()
+    for name in _REF_POSTPROCESSING:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(f"use_fused_loss: the reference model's config sets {name}={value}; a "
+                                      "reference whose logits are post-processed is not supported")
+    return reference
+
+
+def _reference_head(reference: nn.Module, device: torch.device, args, kwargs) -> tuple:
+    """``(ref_hidden, ref_weight[, ref_bias])`` of ``reference`` on the call's arguments: its
+    body under ``no_grad``, stopped before its LM head."""
+    head = reference.get_output_embeddings()
+    hook = head.register_forward_pre_hook(_stop_at_head)
+    try:
+        with torch.no_grad():
+            reference(*args, **kwargs)
+    except _AtHead as stop:
+        hidden = stop.hidden
+    else:
+        raise NotImplementedError(f"use_fused_loss: the reference model {type(reference).__name__}'s forward did "
+                                  "not call its LM head")
+    finally:
+        hook.remove()
+    weight, bias = _head_params(head)
+    parts = (hidden.detach().to(device), weight.detach().to(device))
+    return parts if bias is None else (*parts, bias.detach().to(device))
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
