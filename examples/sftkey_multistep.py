@@ -1,10 +1,10 @@
 """SFTKey vs plain SFT on a task with SFTKey's failure mode: a long chain, a short answer that is not a copy.
 
-Each problem is a chain of additions and subtractions modulo 10, worked step by step; the
-answer is ``(first intermediate + last intermediate) mod 10``, written ``#### d`` after the
-chain. The chain is 8 to 12 steps (about 60 response tokens), the answer one digit, so the
-answer is a few percent of the stage-1 loss, and it is a function of two intermediate values,
-not a copy of the chain's last number.
+Each prompt lists ten labelled digits; the chain of thought works out each digit's
+intermediate value (``3 d + 1 mod 10``), one step per digit; the answer is ``(first
+intermediate + last intermediate) mod 10``, written ``#### d`` after the chain. The chain is
+50 response tokens and the answer one digit, so the answer is about 2% of the stage-1 loss,
+and it is a function of two intermediate values, not a copy of the chain's last number.
 
 For every seed: one stage 1 on all response tokens, then, from that model, three stage-2
 runs with the same steps, learning rate, schedule, batches and data order, differing only
@@ -46,24 +46,23 @@ def answer_of(values: list[int]) -> int:
     return (values[0] + values[-1]) % 10
 
 
+def step_rule(digit: int) -> int:
+    """One chain step: the intermediate value of a prompt digit, ``3 d + 1 mod 10`` (a permutation)."""
+    return (3 * digit + 1) % 10
+
+
 def make_problem(rng: random.Random, min_steps: int, max_steps: int) -> dict:
     """One problem: ``prompt``, ``response`` (chain then ``#### d``), ``chain``, ``values``, ``answer``.
 
-    The prompt labels each operation with a letter (``Q : 6 a + 5 b - 7 ...``) and each chain
-    step repeats its label (``6 a + 5 = 1 , 1 b - 7 = 4 , ...``), so a step finds its operand
-    by the label (an induction-head copy) rather than by counting positions."""
-    first = value = rng.randint(0, 9)
-    ops = [(rng.choice("+-"), rng.randint(1, 9)) for _ in range(rng.randint(min_steps, max_steps))]
-    steps, values = [], []
-    for label, (op, n) in zip(LABELS, ops):
-        new = (value + n if op == "+" else value - n) % 10
-        steps.append(f"{value} {label} {op} {n} = {new} ,")
-        values.append(new)
-        value = new
-    chain = " ".join(steps)
+    The prompt lists labelled digits (``Q : a 6 b 3 ...``); each chain step repeats a label and
+    its digit and writes the digit's intermediate value (``a 6 = 9 , b 3 = 0 , ...``), so a step
+    finds its digit by the label (an induction-head copy) and applies :func:`step_rule`."""
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(min_steps, max_steps))]
+    values = [step_rule(d) for d in digits]
+    chain = " ".join(f"{label} {d} = {v} ," for label, d, v in zip(LABELS, digits, values))
     answer = answer_of(values)
     return {
-        "prompt": f"Q : {first} {' '.join(f'{label} {op} {n}' for label, (op, n) in zip(LABELS, ops))} ( mod 10 )\n",
+        "prompt": f"Q : {' '.join(f'{label} {d}' for label, d in zip(LABELS, digits))}\n",
         "response": f"{chain}\n{MARKER} {answer}",
         "chain": chain,
         "values": values,
@@ -177,8 +176,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval", type=int, default=300, help="held-out problems, decoded greedily")
     parser.add_argument("--min-steps", type=int, default=10, help="fewest chain steps")
     parser.add_argument("--max-steps", type=int, default=10, help="most chain steps")
-    parser.add_argument("--stage1-steps", type=int, default=600)
-    parser.add_argument("--stage2-steps", type=int, default=200)
+    parser.add_argument("--stage1-steps", type=int, default=400)
+    parser.add_argument("--stage2-steps", type=int, default=150)
     parser.add_argument("--stage1-lr", type=float, default=3e-3)
     parser.add_argument("--stage2-lr", type=float, default=1e-3)
     parser.add_argument("--cot-weight", type=float, default=0.1, help="chain weight of the SFTKey blend")
