@@ -11,7 +11,8 @@ runs with the same steps, learning rate, schedule, batches and data order, diffe
 in the token weights: plain SFT (every response token), SFTKey key-only (the ``#### d``
 line and EOS), and SFTKey's blend (those, plus the chain at ``--cot-weight``). Accuracy is
 measured by greedy decoding on held-out problems; an answer counts only when the completion
-is well-formed (``... #### d`` then EOS). All losses go through ``SFTKeyTrainer``, sftkey's
+is well-formed (``... #### d`` then EOS); the held-out answer loss is the teacher-forced loss
+on the answer digit. All losses go through ``SFTKeyTrainer``, sftkey's
 fused loss (no logits).
 
     python examples/sftkey_multistep.py                      # 3 seeds, under 10 minutes on 2 cores
@@ -33,12 +34,14 @@ from transformers import TrainingArguments
 from sftkey import keys
 from sftkey.data import TokenWeightCollator
 from sftkey.trainer import SFTKeyTrainer, Stage
-from sftkey_arithmetic import build_model, build_tokenizer
+from sftkey_arithmetic import build_model, build_tokenizer, key_loss
 
 MARKER = "####"
 LABELS = "abcdefghijklmnopqrstuvwxyz"
 KEY_OPTIONS = {"patterns": "gsm8k", "include_tags": True, "include_eos": True}
 """The key tokens: the whole ``#### d`` line and the EOS after it, so stage 2 keeps the format."""
+DIGIT_OPTIONS = {"patterns": "gsm8k"}
+"""The answer digit alone, for the held-out answer loss (chance: ln 10 = 2.303)."""
 
 
 def answer_of(values: list[int]) -> int:
@@ -96,7 +99,8 @@ def grade(tokens: list[str], eos: str, problem: dict) -> dict:
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 100) -> dict:
     """Greedy decoding on ``problems``: format rate, answer accuracy (well-formed and right),
-    chain accuracy, and answer accuracy among the completions whose chain is right."""
+    chain accuracy, and answer accuracy among the completions whose chain is right (None
+    when no chain is right)."""
     model.eval()
     longest = max(len(tokenizer(p["response"])["input_ids"]) for p in problems)
     graded = []
@@ -111,7 +115,7 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 100) -> d
     return {"format_rate": sum(g["format"] for g in graded) / len(graded),
             "answer_accuracy": sum(g["answer"] for g in graded) / len(graded),
             "chain_accuracy": len(chains) / len(graded),
-            "answer_given_chain": sum(g["answer"] for g in chains) / len(chains) if chains else float("nan")}
+            "answer_given_chain": sum(g["answer"] for g in chains) / len(chains) if chains else None}
 
 
 def run_seed(args, seed: int) -> dict:
@@ -128,9 +132,12 @@ def run_seed(args, seed: int) -> dict:
             raise RuntimeError(f"{label}: {report.dropped} examples without a key span")
     shares = token_shares(all_tokens, stage2["SFTKey key-only"])
     print(f"seed {seed}: {len(train)} training problems, {len(held_out)} held out, vocabulary {len(tokenizer)}; "
-          f"key tokens {shares['key']:.1%} of the stage-1 loss tokens, the answer digit {shares['answer_digit']:.1%}")
+          f"key tokens {shares['key']:.1%} of the stage-1 loss tokens, the answer digit {shares['answer_digit']:.1%}",
+          flush=True)
 
     collator = TokenWeightCollator.from_tokenizer(tokenizer, padding_side="right")
+    answer_digits, _ = keys.build_features(tokenizer, [{"prompt": p["prompt"], "response": p["response"]}
+                                                       for p in held_out], stage=2, **DIGIT_OPTIONS)
     training = TrainingArguments(
         tempfile.mkdtemp(prefix="sftkey_multistep_"), per_device_train_batch_size=args.batch_size,
         lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, logging_steps=50, save_strategy="no",
@@ -140,9 +147,9 @@ def run_seed(args, seed: int) -> dict:
         start = time.time()
         SFTKeyTrainer(model=model, args=training, data_collator=collator).train_stages(stage)
         seconds = time.time() - start
-        result = evaluate(model, tokenizer, held_out)
+        result = {**evaluate(model, tokenizer, held_out), "answer_loss": key_loss(model, answer_digits, collator)}
         print(f"  {stage.name}: {stage.max_steps} steps in {seconds:.0f} s; " +
-              ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+              ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in result.items()), flush=True)
         return result
 
     model = build_model(tokenizer, args.hidden, args.layers, seed)
@@ -155,17 +162,28 @@ def run_seed(args, seed: int) -> dict:
 
 
 def summarize(runs: dict) -> dict:
-    """Per setting and metric: the mean, the sample standard deviation, the minimum and maximum over seeds."""
+    """Per setting and metric: the mean, the sample standard deviation, the minimum and maximum
+    over the seeds that have a value (None when none has; std 0 for one value)."""
     settings = next(iter(runs.values()))["results"]
     summary = {}
     for setting, metrics in settings.items():
         summary[setting] = {}
         for metric in metrics:
-            values = [run["results"][setting][metric] for run in runs.values()]
+            values = [v for run in runs.values() if (v := run["results"][setting][metric]) is not None]
             summary[setting][metric] = {"mean": statistics.fmean(values),
                                         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                                        "min": min(values), "max": max(values)}
+                                        "min": min(values), "max": max(values)} if values else None
     return summary
+
+
+def table(summary: dict) -> str:
+    """The summary as a Markdown table: mean ± standard deviation per setting and metric."""
+    lines = ["| after | format rate | answer accuracy | chain accuracy | answer accuracy, chain right | "
+             "held-out answer loss |", "|---|---|---|---|---|---|"]
+    for setting, metrics in summary.items():
+        cells = ("-" if m is None else f"{m['mean']:.3f} ± {m['std']:.3f}" for m in metrics.values())
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -186,6 +204,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--json", help="write the per-seed results and the summary to this file")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="train nothing: summarize the runs of these --json files (seeds run as separate processes)")
     args = parser.parse_args(argv)
     if not 1 <= args.min_steps <= args.max_steps <= len(LABELS):
         parser.error(f"--min-steps, --max-steps: expected 1 <= min <= max <= {len(LABELS)}, "
@@ -193,12 +213,16 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     start = time.time()
-    runs = {seed: run_seed(args, seed) for seed in args.seeds}
+    if args.merge:
+        runs = {}
+        for path in args.merge:
+            with open(path) as f:
+                runs.update(json.load(f)["runs"])
+    else:
+        runs = {seed: run_seed(args, seed) for seed in args.seeds}
     out = {"config": vars(args), "runs": runs, "summary": summarize(runs), "seconds": time.time() - start}
-    print(f"\n{len(args.seeds)} seeds in {out['seconds']:.0f} s; mean ± standard deviation over seeds")
-    print("| after | format rate | answer accuracy | chain accuracy | answer accuracy, chain right |\n|---|---|---|---|---|")
-    for setting, metrics in out["summary"].items():
-        print(f"| {setting} | " + " | ".join(f"{m['mean']:.3f} ± {m['std']:.3f}" for m in metrics.values()) + " |")
+    print(f"\n{len(runs)} seeds in {out['seconds']:.0f} s; mean ± standard deviation over seeds")
+    print(table(out["summary"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

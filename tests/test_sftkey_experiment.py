@@ -23,30 +23,26 @@ def problems():
     return multistep.make_problems(500, seed=3)
 
 
-def _chain_values(chain: str) -> list[int]:
-    """Re-derive each step's result from the chain text, checking every step's arithmetic."""
+def _chain_values(p: dict) -> list[int]:
+    """Re-derive each step's value from the chain text, checking the step against the prompt."""
+    labelled = p["prompt"].removeprefix("Q : ").split()
     values = []
-    for label, step in zip(multistep.LABELS, chain.rstrip(" ,").split(" , ")):
-        a, step_label, op, n, eq, result = step.split()
-        assert step_label == label and eq == "=" and op in "+-"
-        assert int(result) == (int(a) + int(n) if op == "+" else int(a) - int(n)) % 10
-        assert not values or int(a) == values[-1]
-        values.append(int(result))
+    for i, step in enumerate(p["chain"].rstrip(" ,").split(" , ")):
+        label, digit, eq, value = step.split()
+        assert [label, digit] == labelled[2 * i:2 * i + 2] and label == multistep.LABELS[i] and eq == "="
+        assert int(value) == (3 * int(digit) + 1) % 10
+        values.append(int(value))
+    assert len(labelled) == 2 * len(values)
     return values
 
 
 def test_answer_is_first_plus_last_intermediate_mod_10(problems):
     for p in problems:
-        values = _chain_values(p["chain"])
-        assert values == p["values"]
+        values = _chain_values(p)
+        assert values == p["values"] and len(values) == 10
         assert p["answer"] == (values[0] + values[-1]) % 10
         assert p["response"] == f"{p['chain']}\n#### {p['answer']}"
-        start, *ops = p["prompt"].split(" ( mod 10 )")[0].removeprefix("Q : ").split(" ")
-        assert len(values) == 10 and len(ops) == 3 * len(values)
-        steps = p["chain"].split(" , ")
-        for i, step in enumerate(steps):  # each step's labelled operation is the prompt's
-            assert step.split()[1:4] == ops[3 * i:3 * i + 3]
-        assert steps[0].split()[0] == start
+    assert sorted(multistep.step_rule(d) for d in range(10)) == list(range(10))
 
 
 def test_answer_is_not_a_copy_of_the_last_chain_value(problems):
@@ -74,6 +70,9 @@ def test_key_tokens_are_a_small_share_and_cover_the_answer_line(problems):
     for f, p in zip(key_only, problems):
         trained = tokenizer.convert_ids_to_tokens([t for t in f["labels"] if t != keys.IGNORE_INDEX])
         assert trained == ["####", str(p["answer"]), tokenizer.eos_token]
+    digits, _ = keys.build_features(tokenizer, examples, stage=2, **multistep.DIGIT_OPTIONS)
+    for f, p in zip(digits, problems):
+        assert [t for t in f["labels"] if t != keys.IGNORE_INDEX] == tokenizer.convert_tokens_to_ids([str(p["answer"])])
     shares = multistep.token_shares(all_tokens, key_only)
     chain_tokens = sum(len(p["chain"].split()) for p in problems)
     assert shares["answer_digit"] == pytest.approx(len(problems) / (chain_tokens + 3 * len(problems)))
@@ -89,17 +88,23 @@ def test_grade_requires_the_format():
     assert multistep.grade(right[:-2], "</s>", p) == {"format": False, "answer": False, "chain": False}
     assert multistep.grade(["####"] + right, "</s>", p)["format"] is False
     assert multistep.grade(right[:-3] + [wrong, "</s>"], "</s>", p) == {"format": True, "answer": False, "chain": True}
-    other = [str((int(right[0]) + 1) % 10)] + right[1:]
+    other = right[:1] + [str((int(right[1]) + 1) % 10)] + right[2:]
     assert multistep.grade(other, "</s>", p) == {"format": True, "answer": True, "chain": False}
     assert multistep.grade(["####", "</s>"], "</s>", p)["format"] is False
 
 
 def test_summarize_mean_and_spread():
-    runs = {s: {"results": {"SFT": {"answer_accuracy": a}}} for s, a in enumerate((0.2, 0.4, 0.9))}
-    summary = multistep.summarize(runs)["SFT"]["answer_accuracy"]
-    assert summary["mean"] == pytest.approx(0.5)
-    assert summary["std"] == pytest.approx(0.3605551, rel=1e-6)
-    assert (summary["min"], summary["max"]) == (0.2, 0.9)
+    given = ((0.2, None), (0.4, 0.5), (0.9, None))
+    runs = {s: {"results": {"SFT": {"answer_accuracy": a, "answer_given_chain": g, "chain_accuracy": None}}}
+            for s, (a, g) in enumerate(given)}
+    summary = multistep.summarize(runs)["SFT"]
+    accuracy = summary["answer_accuracy"]
+    assert accuracy["mean"] == pytest.approx(0.5)
+    assert accuracy["std"] == pytest.approx(0.3605551, rel=1e-6)
+    assert (accuracy["min"], accuracy["max"]) == (0.2, 0.9)
+    assert summary["answer_given_chain"] == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5}
+    assert summary["chain_accuracy"] is None
+    assert multistep.table({"SFT": summary}).splitlines()[2] == "| SFT | 0.500 ± 0.361 | 0.500 ± 0.000 | - |"
 
 
 def test_script_smoke_run(tmp_path):
@@ -113,14 +118,14 @@ def test_script_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     settings = ["stage 1", "SFT", "SFTKey key-only", "SFTKey blend 0.1"]
-    metrics = ["format_rate", "answer_accuracy", "chain_accuracy", "answer_given_chain"]
+    metrics = ["format_rate", "answer_accuracy", "chain_accuracy", "answer_given_chain", "answer_loss"]
     assert sorted(result["runs"]) == ["0", "1"]
     for run in result["runs"].values():
         assert list(run["results"]) == settings
         for values in run["results"].values():
             assert list(values) == metrics
             assert 0 <= values["answer_accuracy"] <= values["format_rate"] <= 1
-            assert values["chain_accuracy"] <= values["format_rate"]
+            assert values["chain_accuracy"] <= values["format_rate"] and values["answer_loss"] > 0
         assert 0 < run["shares"]["answer_digit"] < run["shares"]["key"] < 1
     assert list(result["summary"]) == settings
     for setting in settings:
@@ -128,3 +133,8 @@ def test_script_smoke_run(tmp_path):
             s = result["summary"][setting][metric]
             assert s["min"] <= s["mean"] <= s["max"] and s["std"] >= 0
     assert "| SFTKey key-only |" in proc.stdout
+    merged = tmp_path / "merged.json"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "sftkey_multistep.py"), "--merge", str(out), str(out),
+                           "--json", str(merged)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(merged.read_text())["summary"] == result["summary"]
