@@ -15,7 +15,7 @@ is well-formed (``... #### d`` then EOS); the held-out answer loss is the teache
 on the answer digit. All losses go through ``SFTKeyTrainer``, sftkey's
 fused loss (no logits).
 
-    python examples/sftkey_multistep.py                      # 3 seeds, under 10 minutes on 2 cores
+    python examples/sftkey_multistep.py                      # 3 seeds, one process each
     python examples/sftkey_multistep.py --seeds 0 --stage1-steps 40 --stage2-steps 10 --eval 20
 """
 from __future__ import annotations
@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import random
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from transformers import TrainingArguments
@@ -120,6 +122,7 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 100) -> d
 
 def run_seed(args, seed: int) -> dict:
     """Stage 1, then each stage-2 setting from the same stage-1 model; results per setting."""
+    torch.set_num_threads(args.threads)
     problems = make_problems(args.train + args.eval, seed, args.min_steps, args.max_steps)
     train, held_out = problems[:args.train], problems[args.train:]
     tokenizer = build_tokenizer([p["prompt"] + p["response"] for p in problems])
@@ -148,7 +151,7 @@ def run_seed(args, seed: int) -> dict:
         SFTKeyTrainer(model=model, args=training, data_collator=collator).train_stages(stage)
         seconds = time.time() - start
         result = {**evaluate(model, tokenizer, held_out), "answer_loss": key_loss(model, answer_digits, collator)}
-        print(f"  {stage.name}: {stage.max_steps} steps in {seconds:.0f} s; " +
+        print(f"  seed {seed}, {stage.name}: {stage.max_steps} steps in {seconds:.0f} s; " +
               ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in result.items()), flush=True)
         return result
 
@@ -204,24 +207,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--json", help="write the per-seed results and the summary to this file")
-    parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="train nothing: summarize the runs of these --json files (seeds run as separate processes)")
+    parser.add_argument("--jobs", type=int, help="seeds run at once, one process each (default: all of them)")
     args = parser.parse_args(argv)
     if not 1 <= args.min_steps <= args.max_steps <= len(LABELS):
         parser.error(f"--min-steps, --max-steps: expected 1 <= min <= max <= {len(LABELS)}, "
                      f"got {args.min_steps}, {args.max_steps}")
-    torch.set_num_threads(args.threads)
+
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs: expected >= 1, got {args.jobs}")
 
     start = time.time()
-    if args.merge:
-        runs = {}
-        for path in args.merge:
-            with open(path) as f:
-                runs.update(json.load(f)["runs"])
-    else:
-        runs = {seed: run_seed(args, seed) for seed in args.seeds}
+    # each seed seeds every generator it uses, so its result is the same alone or among others
+    with ProcessPoolExecutor(args.jobs or len(args.seeds), mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = dict(zip(args.seeds, pool.map(run_seed, [args] * len(args.seeds), args.seeds)))
     out = {"config": vars(args), "runs": runs, "summary": summarize(runs), "seconds": time.time() - start}
-    print(f"\n{len(runs)} seeds in {out['seconds']:.0f} s; mean ± standard deviation over seeds")
+    print(f"\n{len(args.seeds)} seeds in {out['seconds']:.0f} s; mean ± standard deviation over seeds")
     print(table(out["summary"]))
     if args.json:
         with open(args.json, "w") as f:
