@@ -2,7 +2,6 @@
 grading, and a smoke run of the script on a budget of seconds (the full run is not for CI)."""
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
