@@ -58,9 +58,12 @@ def row_kernels(backend, x: Tensor, kind: str) -> bool:
     refuse ``"jsd"`` with ``"triton"``) and ``x`` float32, bfloat16 or float16 (float64 with
     ``backend="triton"`` raises a ``TypeError``; with ``"auto"`` it stays on torch)."""
     from .backends import get_backend
-    from .backends.triton import known_gpu
 
-    if get_backend(backend, x.device).name != "triton" or kind not in div.KL_KINDS or not known_gpu(x.device):
+    if get_backend(backend, x.device).name != "triton" or kind not in div.KL_KINDS:
+        return False
+    from .backends.triton import known_gpu  # triton imports only here (it may not be installed)
+
+    if not known_gpu(x.device):
         return False
     if x.dtype not in _KERNEL_DTYPES:
         if isinstance(backend, str) and backend == "triton":
