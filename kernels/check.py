@@ -26,14 +26,17 @@ from triton.compiler import ASTSource
 from .backward import backward_kernel
 from .configs import GENERATIONS, Generation
 from .forward import forward_kernel
+from .pair_rows import pair_grads_kernel, pair_stats_kernel
 from .rows import row_grads_kernel, row_stats_kernel
 
 _INDEX = {"y", "amax_i_out", "argmax_out"}
 _SCALARS = {"N": "i32", "V": "i32", "D": "i32", "tiles_per_split": "i32", "stride_o": "i64", "stride_dz": "i64",
+            "stride_a": "i64",
             "softcap": "fp32", "filter_eps": "fp32"}
 _FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, TOPK=8, K_PAD=8, HAS_GLSE=True, HAS_GS=True,
               DENSE_GZY=True, DENSE_GZ=True, NEED_DX=True, NEED_DW=True, NEED_DB=True, FILTER=False,
-              HAS_S=True, HAS_Z=True, ARGMAX=True, HAS_GZY=True, HAS_GZ=True, UPCAST=False, DOT_PREC="tf32")
+              HAS_S=True, HAS_Z=True, ARGMAX=True, HAS_GZY=True, HAS_GZ=True, UPCAST=False, DOT_PREC="tf32",
+              WANT_A=True, WANT_O=True)
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
@@ -74,7 +77,8 @@ def _usage(ptx: str, capability: int) -> dict:
 def kernel_cases(gen: Generation):
     """``(name, kernel, pointer types, constexprs, options)`` for every kernel at ``gen``'s
     settings: the fused kernels on bf16 and on float32 inputs, the row kernels on float32
-    logits of bf16 inputs (``dz`` written in bf16), the single pass's path on CUDA."""
+    logits of bf16 inputs (``dz`` written in bf16), the single pass's path on CUDA, and the
+    two-head row kernels on float32 blocks."""
     for dtype in ("bf16", "fp32"):
         for name, fn in (("forward", forward_kernel), ("backward", backward_kernel)):
             cfg = gen.fused(name, dtype == "fp32")
@@ -84,10 +88,13 @@ def kernel_cases(gen: Generation):
                 consts["GROUP_N"] = cfg.group_n
             yield (f"{name}/{dtype}", fn, dict.fromkeys(("x", "w", "b"), dtype), consts,
                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    for name, fn in (("row_stats", row_stats_kernel), ("row_grads", row_grads_kernel)):
+    bf16_dz = dict(o="fp32", b="bf16", dz="bf16")
+    for name, fn, pointers in (("row_stats/bf16", row_stats_kernel, bf16_dz),
+                               ("row_grads/bf16", row_grads_kernel, bf16_dz),
+                               ("pair_stats/fp32", pair_stats_kernel, {}), ("pair_grads/fp32", pair_grads_kernel, {})):
         consts = {k: v for k, v in _FLAGS.items() if k in fn.arg_names}
         consts["BLOCK_V"] = gen.rows.block_v
-        yield f"{name}/bf16", fn, dict(o="fp32", b="bf16", dz="bf16"), consts, dict(num_warps=gen.rows.num_warps)
+        yield name, fn, pointers, consts, dict(num_warps=gen.rows.num_warps)
 
 
 def check(gen: Generation) -> list:

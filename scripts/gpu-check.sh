@@ -4,6 +4,7 @@
 # With a CUDA device (in under 8 minutes, with what the GPU image has: torch, triton, pytest):
 #   1. installs the benchmark peers cut-cross-entropy and liger-kernel (--no-deps), nothing else;
 #   2. the kernel tests compiled on the GPU (tests/test_row_kernels.py, tests/test_triton_kernels.py,
+#      tests/test_divergence_triton.py,
 #      the `gpu`-marked tests);
 #   3. python -m sftkey.kernels.check for this GPU's compute capability (shared memory, spills);
 #   4. python -m bench on the gpu-check preset's cases (Llama-3-8B and Gemma-2-2B at N=4096 and
@@ -49,7 +50,7 @@ if torch.cuda.is_available():
 EOF
 cat "$OUT/environment.txt" >> "$OUT/summary.txt"
 
-KERNEL_TESTS=(tests/test_row_kernels.py tests/test_triton_kernels.py)
+KERNEL_TESTS=(tests/test_row_kernels.py tests/test_triton_kernels.py tests/test_divergence_triton.py)
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     log "dry mode: the kernel tests under the Triton interpreter"

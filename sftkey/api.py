@@ -83,7 +83,8 @@ def _anchored(hidden, weight, targets, bias, opts: LossOptions):
     if opts.backend == "reference":
         return reference.linear_cross_entropy(hidden, weight, targets, bias=bias, **_reference_kwargs(opts))
     ref = ref_head(ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), p.y)
-    d = pair_passes.Divergence(opts.anchor_kind, opts.anchor_beta)
+    kernels = pair_passes.row_kernels(opts.backend, p.head.x, opts.anchor_kind)
+    d = pair_passes.Divergence(opts.anchor_kind, opts.anchor_beta, row_kernels=kernels)
     loss, stats = pair_passes.anchored_loss(p, ref, d, opts.anchor_weight, get_backend(opts.backend, p.head.x.device))
     if opts.reduction == "none":
         loss = loss.reshape(p.shape)
@@ -114,7 +115,8 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_we
     if opts.backend == "reference":
         return reference.linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, bias=bias,
                                            ref_bias=ref_bias, **{f.name: getattr(opts, f.name) for f in fields(opts)})
-    d = pair_passes.Divergence(opts.kind, float(opts.beta), float(opts.temperature))
+    kernels = pair_passes.row_kernels(opts.backend, pp.pair.policy.x, opts.kind)
+    d = pair_passes.Divergence(opts.kind, float(opts.beta), float(opts.temperature), kernels)
     with pp.autocast_off():
         return pair_passes.divergence(pp, d, opts.reduction, opts.normalizer)
 

@@ -36,6 +36,10 @@ class RowDivergence(NamedTuple):
     dr: Optional[Tensor]
 
 
+#: the kinds that are functions of per-row statistics (the Triton row kernels' kinds)
+KL_KINDS = ("forward_kl", "reverse_kl")
+
+
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 

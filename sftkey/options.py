@@ -128,8 +128,8 @@ class DivergenceOptions(Options):
     * ``shift``: position ``t`` pairs with ``targets[..., t + 1]`` (the last position drops out).
     * ``ref_grad``: also give gradients to ``ref_hidden``, ``ref_weight`` and ``ref_bias``
       (default False: the reference is frozen, its tensors detached).
-    * ``backend``: "auto" or "torch" (the two-head pass is the torch backend's; "triton"
-      raises), or "reference" (the float64-capable oracle).
+    * ``backend``: "auto", "torch", "triton" (the forward and reverse KL's block math in
+      Triton row kernels; not the JSD), or "reference" (the float64-capable oracle).
     """
 
     kind: str = "forward_kl"

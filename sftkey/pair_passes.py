@@ -29,11 +29,48 @@ from .loss import TokenTerms, contributing, denominator, nonzero, reduce, token_
 
 @dataclass(frozen=True)
 class Divergence:
-    """Which divergence: ``kind``, ``beta`` (JSD) and the temperature both heads' logits are divided by."""
+    """Which divergence: ``kind``, ``beta`` (JSD) and the temperature both heads' logits are
+    divided by; ``row_kernels``: its block math by the Triton row kernels
+    (:func:`sftkey.backends.triton_pair.rows`, forward and reverse KL) rather than torch."""
 
     kind: str
     beta: float = 0.5
     temperature: float = 1.0
+    row_kernels: bool = False
+
+    def rows(self, z: Tensor, r: Tensor, g: Optional[Tensor] = None, want_dz: bool = True,
+             want_dr: bool = False) -> div.RowDivergence:
+        """:func:`sftkey.divergence.rows` of this divergence on a block, or its Triton rows."""
+        if self.row_kernels:
+            from .backends.triton_pair import rows
+        else:
+            rows = div.rows
+        return rows(z, r, self.kind, self.beta, g, want_dz, want_dr)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def row_kernels(backend, x: Tensor, kind: str) -> bool:
+    """Whether the two-head block math of ``kind`` on hidden states ``x`` runs in the Triton row
+    kernels: where the backend option ``backend`` resolves to the triton backend (``"triton"``,
+    or ``"auto"`` on CUDA) on a device with its launch settings, ``kind`` is a KL (the options
+    refuse ``"jsd"`` with ``"triton"``) and ``x`` float32, bfloat16 or float16 (float64 with
+    ``backend="triton"`` raises a ``TypeError``; with ``"auto"`` it stays on torch)."""
+    from .backends import get_backend
+
+    if get_backend(backend, x.device).name != "triton" or kind not in div.KL_KINDS:
+        return False
+    from .backends.triton import known_gpu  # triton imports only here (it may not be installed)
+
+    if not known_gpu(x.device):
+        return False
+    if x.dtype not in _KERNEL_DTYPES:
+        if isinstance(backend, str) and backend == "triton":
+            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {x.dtype}; "
+                            "use backend='torch' for float64")
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -63,7 +100,7 @@ class DivergenceBlock:
         factor = None  # d(capped)/dz = 1 - (capped / cap)^2, taken before rows() overwrites z
         if cap is not None and g is not None:
             factor = z.mul(T / cap).square_().neg_().add_(1)
-        rows = div.rows(z, r, self.d.kind, self.d.beta, g, self.want_dz, self.want_dr)
+        rows = self.d.rows(z, r, g, self.want_dz, self.want_dr)
         dz = rows.dz
         if factor is not None and dz is not None:
             dz.mul_(factor)
@@ -210,8 +247,7 @@ class AnchoredBlock:
             capped = leaf if self.softcap is None else self.softcap * torch.tanh(leaf / self.softcap)
             stats = _stats(capped, y, terms, self.with_stats)
             ce = token_losses(stats, y, terms).sum() / scale
-            rows = div.rows(capped.detach().clone(), r, self.d.kind, self.d.beta,
-                            coef / scale if self.with_grads else None)
+            rows = self.d.rows(capped.detach().clone(), r, coef / scale if self.with_grads else None)
             loss = ce.detach() + torch.linalg.vecdot(rows.value, coef) / scale
             dz = None
             if self.with_grads:

@@ -225,11 +225,9 @@ def check_divergence_options(opts) -> None:
     for name in ("shift", "ref_grad"):
         if not isinstance(getattr(opts, name), bool):
             raise TypeError(f"{name} must be a bool, got {type(getattr(opts, name)).__name__}")
-    if opts.backend not in ("auto", "torch", "reference"):
-        if opts.backend == "triton":
-            raise ValueError("backend='triton' has no two-head kernels yet: linear_divergence and the anchor run on "
-                             "backend='torch' (or 'auto')")
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference'), got {opts.backend!r}")
+    if opts.backend not in ("auto", "torch", "triton", "reference"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton', 'reference'), got {opts.backend!r}")
+    _triton_kind("kind", opts.kind, opts.backend)
 
 
 def check_anchor_options(opts) -> None:
@@ -241,9 +239,14 @@ def check_anchor_options(opts) -> None:
         return
     if not isinstance(opts.anchor, tuple) or len(opts.anchor) not in (2, 3):
         raise TypeError("anchor must be a tuple (ref_hidden, ref_weight) or (ref_hidden, ref_weight, ref_bias)")
-    if isinstance(opts.backend, str) and opts.backend == "triton":
-        raise ValueError("backend='triton' has no two-head kernels yet: a loss with an anchor runs on "
-                         "backend='torch' (or 'auto')")
+    _triton_kind("anchor_kind", opts.anchor_kind, opts.backend)
+
+
+def _triton_kind(name: str, kind: str, backend) -> None:
+    """The triton backend's two-head kernels are the forward and reverse KL's: "jsd" is refused."""
+    if isinstance(backend, str) and backend == "triton" and kind == "jsd":
+        raise ValueError(f"{name}='jsd' has no triton kernels (the JSD is not a function of per-row "
+                         "statistics): use backend='torch' (or 'auto'), or kind 'forward_kl' / 'reverse_kl'")
 
 
 def check_pair(hidden: Tensor, weight: Tensor, ref_hidden, ref_weight, ref_bias) -> None:

@@ -55,10 +55,11 @@ def _divergence(tensors, y, **kw):
     return sftkey.linear_divergence(x, w, xr, wr, y, bias=b, ref_bias=br, **kw)
 
 
-def _compare(fn, tensors, y, dtype, upstream=None, ref_grad=False, what="", **kw):
-    """The torch backend's loss and gradients against the oracle in float64 on the same values."""
-    leaves_at = [i for i, t in enumerate(tensors) if t is not None and (i < 3 or ref_grad)]
-    got = _run(lambda *t: fn(t, y, backend="torch", **kw), tensors, upstream, leaves_at)
+def _compare(fn, tensors, y, dtype, upstream=None, what="", backend="torch", **kw):
+    """``backend``'s loss and gradients against the oracle in float64 on the same values (the
+    reference's too with ``ref_grad=True``, which goes on to ``fn``)."""
+    leaves_at = [i for i, t in enumerate(tensors) if t is not None and (i < 3 or kw.get("ref_grad"))]
+    got = _run(lambda *t: fn(t, y, backend=backend, **kw), tensors, upstream, leaves_at)
     want = _run(lambda *t: fn(t, y, backend="reference", **kw), _double(tensors), upstream, leaves_at)
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(got[0], want[0], dtype, f"{what} loss")
@@ -250,8 +251,8 @@ def test_anchor_is_frozen_and_refused_where_unsupported():
     (x, w, b, xr, wr, br), y, _ = _pair((6,), 8, 8, 11, torch.float32, seed=16)
     sftkey.linear_cross_entropy(x, w, y, bias=b, anchor=(xr, wr, br), backend="torch").backward()
     assert w.grad is not None and xr.grad is None and wr.grad is None
-    with pytest.raises(ValueError, match="triton"):
-        sftkey.linear_cross_entropy(x, w, y, anchor=(xr, wr), backend="triton")
+    with pytest.raises(ValueError, match="anchor_kind='jsd' has no triton kernels"):
+        sftkey.linear_cross_entropy(x, w, y, anchor=(xr, wr), anchor_kind="jsd", backend="triton")
     with pytest.raises(TypeError, match="anchor must be a tuple"):
         sftkey.linear_cross_entropy(x, w, y, anchor=[xr, wr])
     with pytest.raises(ValueError, match="anchor_kind"):
@@ -274,7 +275,7 @@ def _args():
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(normalizer=-1.0), ValueError, "normalizer must be >= |normalizer must be > 0"),
     (dict(ref_grad=1), TypeError, "ref_grad must be a bool"),
-    (dict(backend="triton"), ValueError, "backend='triton' has no two-head kernels"),
+    (dict(backend="triton", kind="jsd"), ValueError, "kind='jsd' has no triton kernels"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
     (dict(token_weights=torch.ones(5)), ValueError, "token_weights must have shape"),
