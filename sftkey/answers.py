@@ -3,6 +3,7 @@ compare it with a reference, as numbers where both parse, else as normalized str
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from fractions import Fraction
 from numbers import Real
 from typing import Optional, Sequence, Union
@@ -42,6 +43,8 @@ def _reference_text(reference: Reference) -> str:
         raise TypeError(f"reference: expected str, int, float or Fraction, got {type(reference).__name__}")
     if isinstance(reference, Fraction):
         return str(reference)
+    if isinstance(reference, float):  # positional, not 1e-05: the shortest repr's digits
+        return format(Decimal(repr(reference)), "f")
     return reference if isinstance(reference, str) else repr(reference)
 
 

@@ -216,7 +216,8 @@ def divergence(pp: PreparedPair, d: Divergence, reduction: str, normalizer) -> T
     if denom is not None:
         coef = coef / denom
     grad = torch.is_grad_enabled()
-    plan = PairPlan(pair.policy, pair.ref, DivergenceBlock(d, coef, want_dr=grad), grad)
+    ref_grad = grad and any(t is not None and t.requires_grad for t in (pair.ref.x, pair.ref.w, pair.ref.b))
+    plan = PairPlan(pair.policy, pair.ref, DivergenceBlock(d, coef, want_dr=ref_grad), grad)
     return PairSinglePass.apply(*_tensors(pair), plan)[0]
 
 

@@ -27,7 +27,7 @@ def test_normalize_answer(text, normal):
 @pytest.mark.parametrize("answer, reference, same", [
     ("1,000", 1000, True), ("1000", "1,000", True), ("1000.0", 1000, True), ("72.", "72", True),
     ("0.1", 0.1, True), ("0.10", "0.1", True), ("1/2", 0.5, True), ("1/2", Fraction(1, 2), True),
-    ("-0", 0, True), ("72", 73, False), ("1,00", "100", False), ("100", "1e2", False),
+    ("-0", 0, True), ("0.00001", 1e-05, True), ("100000000000000000000", 1e20, True), ("72", 73, False), ("1,00", "100", False), ("100", "1e2", False),
     ("Paris", "paris.", True), ("Paris", "Lyon", False), ("x = 3", "3", False), ("\\frac{1}{2}", "\\frac{1}{2}", True),
 ])
 def test_answers_match(answer, reference, same):

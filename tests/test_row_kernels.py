@@ -216,3 +216,16 @@ def test_unknown_gpu_falls_back_to_torch(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no block shapes"):
         got = TritonBackend().forward(head)
     assert torch.equal(got.lse, torch_backend.TorchBackend().forward(head).lse)
+
+
+def test_group_budget_grows_to_the_float32_dw_only_where_dw_is_formed(monkeypatch):
+    """On CUDA a group holds at least ``4VD`` bytes when ``dW`` is summed; a frozen head (LoRA,
+    no grad) keeps the chunk budget."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(config, "chunk_budget_bytes", 1 << 20)
+    w = torch.empty(4096, 512)
+    on = lambda cuda: SimpleNamespace(x=SimpleNamespace(is_cuda=cuda), w=w)  # noqa: E731
+    assert rows_backend.group_budget(on(True), Needs(dx=True, dw=True, db=False)) == 4 * w.numel()
+    assert rows_backend.group_budget(on(True), Needs(dx=True, dw=False, db=False)) == 1 << 20
+    assert rows_backend.group_budget(on(False), Needs(dx=True, dw=True, db=False)) == 1 << 20

@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import config
 from .base import Head, Needs, accumulation_dtype
 from .products import product_dtype
+from .torch import _ROW_ALIGN, _STAGING_BYTES
 
 _ROW_ALIGN = 16
 
@@ -131,8 +132,10 @@ class _Operands:
         if self.dw is not None:
             if self.pdtype == self.acc:
                 self.dw.addmm_(dz.t(), x)
-            else:
-                self.dw.add_(torch.mm(dz.t(), x))
+            else:  # native bf16/fp16 products: slices of V, so no W-sized temporary per group
+                step = max(_ROW_ALIGN, _STAGING_BYTES // (x.shape[1] * x.element_size()))
+                for v in range(0, dz.shape[1], step):
+                    self.dw[v:v + step].add_(torch.mm(dz[:, v:v + step].t(), x))
 
     def grads(self) -> tuple:
         head = self.head

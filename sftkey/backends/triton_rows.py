@@ -107,12 +107,13 @@ class _Gradients32(_Gradients):
             self.dw.copy_(self.sum)
 
 
-def group_budget(head: Head) -> int:
-    """Bytes of one group's logits: the chunk budget, and on CUDA at least the float32 ``dW``
-    buffer's ``4VD``, so that the buffer is rewritten at most ``4NV / (4VD) = N / D`` times
-    and each ``dW`` product sums over ``>= D`` rows (rather than the CPU budget's few dozen)."""
+def group_budget(head: Head, needs: Needs) -> int:
+    """Bytes of one group's logits: the chunk budget, and on CUDA, where ``dW`` is formed, at
+    least the float32 ``dW`` buffer's ``4VD``, so that the buffer is rewritten at most
+    ``4NV / (4VD) = N / D`` times and each ``dW`` product sums over ``>= D`` rows (rather than
+    the CPU budget's few dozen). Without ``dW`` (a frozen head, no grad) the budget alone."""
     budget = config.chunk_budget_bytes
-    return max(budget, head.w.numel() * 4) if head.x.is_cuda else budget
+    return max(budget, head.w.numel() * 4) if head.x.is_cuda and needs.dw else budget
 
 
 def _flags(head: Head) -> dict:
@@ -139,7 +140,7 @@ class TritonBackend(FusedTritonBackend):
                     filter_eps: Optional[float] = None) -> SinglePassResult:
         _check(head)
         x = head.x
-        ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x), budget=group_budget(head))
+        ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x), budget=group_budget(head, needs))
         out = _Gradients32(head, needs, ws)
         cfg = self.row_config or row_config(x.device)
         parts, loss = [], 0
