@@ -270,6 +270,9 @@ def find_critical_tokens(
                 raise ValueError(f"examples[{i}]: expected a mapping with a 'prompt'")
             reference = _reference(example, i, checker)
             prompt_ids = list(tokenizer(example["prompt"])["input_ids"])
+            if not prompt_ids:
+                raise ValueError(f"examples[{i}]: its 'prompt' encodes to no tokens (the first response "
+                                 "token needs a position to be predicted from)")
             result = _search_one(model, i, prompt_ids, reference, checker, decode, ranks, rule,
                                  positions, start, random.Random(f"{seed}:{i}"), max_new_tokens, batch_size,
                                  pad_id, eos_id)

@@ -167,6 +167,8 @@ def test_bad_examples():
         find_critical_tokens(TASK.model(), TASK.tokenizer, [{"answer": 1}], progress=False)
     with pytest.raises(ValueError, match="answer"):
         find_critical_tokens(TASK.model(), TASK.tokenizer, [{"prompt": "1+2="}], progress=False)
+    with pytest.raises(ValueError, match="no tokens"):
+        find_critical_tokens(TASK.model(), TASK.tokenizer, [{"prompt": "", "answer": 1}], progress=False)
 
 
 # ---- a real model: batched, cached, left-padded rollouts against plain greedy decoding
