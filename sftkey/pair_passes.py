@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import divergence as div
 from . import passes
-from .autograd import outputs, stats_of
+from .autograd import outputs, scaled, stats_of
 from .backends.base import Head, Needs, RowStats
 from .backends.pair import Pair, PairBlock, pair_pass
 from .inputs import Prepared, PreparedPair
@@ -129,12 +129,6 @@ def _needs(ctx, b, br, enabled: bool = True) -> tuple:
     return Needs(n[0], n[1], b is not None and n[2]), Needs(n[3], n[4], br is not None and n[5])
 
 
-def _scaled(grads, g: Tensor) -> tuple:
-    if g.device.type == "cpu" and float(g) == 1.0:
-        return tuple(grads)
-    return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
-
-
 class PairSinglePass(torch.autograd.Function):
     """``(x, w, b, x_ref, w_ref, b_ref) -> (loss, *RowStats)`` for a scalar loss: the block
     function forms the gradients during the forward; the backward scales them. The statistics
@@ -153,7 +147,7 @@ class PairSinglePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        return (*_scaled(ctx.saved_tensors, g_loss), None)
+        return (*scaled(ctx.saved_tensors, g_loss), None)
 
 
 class PairRecompute(torch.autograd.Function):

@@ -29,9 +29,7 @@ from torch import Tensor
 from .. import config
 from .base import Head, Needs, accumulation_dtype
 from .products import product_dtype
-from .torch import _ROW_ALIGN, _STAGING_BYTES
-
-_ROW_ALIGN = 16
+from .torch import _ROW_ALIGN, _STAGING_BYTES, _rows
 
 
 class PairBlock(NamedTuple):
@@ -142,11 +140,6 @@ class _Operands:
         dw = None if self.dw is None else self.dw.to(head.w.dtype)
         db = None if self.db is None else self.db.to(head.b.dtype)
         return self.dx, dw, db
-
-
-def _rows(budget: int, bytes_per_row: int, n: int) -> int:
-    """Rows of ``bytes_per_row`` within ``budget``: a multiple of 16 (at least 16), at most ``n``."""
-    return min(n, max(_ROW_ALIGN, budget // bytes_per_row // _ROW_ALIGN * _ROW_ALIGN))
 
 
 def pair_pass(pair: Pair, block_fn: BlockFn, needs: Needs, ref_needs: Needs) -> PairResult:
