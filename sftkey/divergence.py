@@ -54,20 +54,16 @@ def rows(z: Tensor, r: Tensor, kind: str, beta: float = 0.5, g: Optional[Tensor]
     logq = r.sub_(torch.logsumexp(r, dim=1, keepdim=True))
     grads = g is not None
     g = None if g is None else g[:, None]
-    if kind == "forward_kl":
-        q = logq.exp()
-        diff = logq.sub_(logp)  # log q - log p
-        value = torch.linalg.vecdot(q, diff)
-        dr = diff.sub_(value[:, None]).mul_(q).mul_(g) if grads and want_dr else None
-        dz = logp.exp_().sub_(q).mul_(g) if grads and want_dz else None
-        return RowDivergence(value, dz, dr)
-    if kind == "reverse_kl":
-        p = logp.exp()
-        diff = logp.sub_(logq)  # log p - log q
-        value = torch.linalg.vecdot(p, diff)
-        dr = logq.exp_().sub_(p).mul_(g) if grads and want_dr else None
-        dz = diff.sub_(value[:, None]).mul_(p).mul_(g) if grads and want_dz else None
-        return RowDivergence(value, dz, dr)
+    if kind in KL_KINDS:  # KL(a || o): forward a = q, o = p; reverse a = p, o = q
+        forward = kind == "forward_kl"
+        log_a, log_o = (logq, logp) if forward else (logp, logq)
+        want_a, want_o = (want_dr, want_dz) if forward else (want_dz, want_dr)
+        pa = log_a.exp()
+        diff = log_a.sub_(log_o)  # log a - log o
+        value = torch.linalg.vecdot(pa, diff)
+        d_a = diff.sub_(value[:, None]).mul_(pa).mul_(g) if grads and want_a else None
+        d_o = log_o.exp_().sub_(pa).mul_(g) if grads and want_o else None
+        return RowDivergence(value, d_o, d_a) if forward else RowDivergence(value, d_a, d_o)
     p, q = logp.exp(), logq.exp()
     logm = torch.logaddexp(logp + _log(beta), logq + _log(1 - beta))
     a = logp.sub_(logm).mul_(beta)
