@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import compiled, pair_passes, passes, reference, validation
 from .backends import get_backend
-from .inputs import prepare, prepare_pair, ref_head
+from .inputs import pair_head, prepare, prepare_pair
 from .options import DivergenceOptions, HeadOptions, LossOptions, with_options
 from .results import LogitStats, LossStats
 
@@ -82,7 +82,7 @@ def _anchored(hidden, weight, targets, bias, opts: LossOptions):
     p = prepare(hidden, weight, targets, bias, opts)
     if opts.backend == "reference":
         return reference.linear_cross_entropy(hidden, weight, targets, bias=bias, **_reference_kwargs(opts))
-    ref = ref_head(ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), p.y)
+    ref = pair_head(ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), p.y)
     kernels = pair_passes.row_kernels(opts.backend, p.head.x, opts.anchor_kind)
     d = pair_passes.Divergence(opts.anchor_kind, opts.anchor_beta, row_kernels=kernels)
     loss, stats = pair_passes.anchored_loss(p, ref, d, opts.anchor_weight, get_backend(opts.backend, p.head.x.device))

@@ -134,11 +134,12 @@ class PreparedPair:
         return autocast_off(self.pair.policy.x.device.type)
 
 
-def ref_head(ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Optional[Tensor], y: Tensor) -> Head:
-    """The reference head over the same ``N`` tokens (autocast applied as to the policy's)."""
-    ref_hidden, ref_weight, ref_bias = _autocast(ref_hidden, ref_weight, ref_bias)
-    return Head(x=ref_hidden.reshape(-1, ref_hidden.shape[-1]).contiguous(), w=ref_weight.contiguous(),
-                b=None if ref_bias is None else ref_bias.contiguous(), y=y, c=None, softcap=None)
+def pair_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor) -> Head:
+    """One head of a two-head call over the ``N`` tokens of ``y``: autocast applied, the hidden
+    states flattened to ``[N, D]`` (no class weights or soft-cap: the block functions' business)."""
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    return Head(x=hidden.reshape(-1, hidden.shape[-1]).contiguous(), w=weight.contiguous(),
+                b=None if bias is None else bias.contiguous(), y=y, c=None, softcap=None)
 
 
 def prepare_pair(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, options: DivergenceOptions,
@@ -156,11 +157,8 @@ def prepare_pair(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias
         raise ValueError("shift=True needs tokens with a sequence dimension, got 0-d targets")
     if check_values:
         validation.check_values(targets, weight.shape[0], ignore_index, options.token_weights)
-    hidden, weight, bias = _autocast(hidden, weight, bias)
     y = flat_targets(targets, ignore_index, options.shift)
-    policy = Head(x=hidden.reshape(-1, hidden.shape[-1]).contiguous(), w=weight.contiguous(),
-                  b=None if bias is None else bias.contiguous(), y=y, c=None, softcap=None)
-    acc = accumulation_dtype(hidden.dtype)
-    shape = targets.shape
-    return PreparedPair(Pair(policy, ref_head(ref_hidden, ref_weight, ref_bias, y)), y >= 0,
-                        flat_weights(options.token_weights, options.shift, acc), shape)
+    policy = pair_head(hidden, weight, bias, y)
+    acc = accumulation_dtype(policy.x.dtype)
+    return PreparedPair(Pair(policy, pair_head(ref_hidden, ref_weight, ref_bias, y)), y >= 0,
+                        flat_weights(options.token_weights, options.shift, acc), targets.shape)
