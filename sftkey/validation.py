@@ -126,11 +126,39 @@ def check_values(targets: Tensor, vocab_size: int, ignore_index: int, token_weig
     check_token_weights_sign(token_weights)
 
 
+def _ignore_index(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+
+
+def _reduction_and_normalizer(opts) -> None:
+    """``reduction`` one of :data:`REDUCTIONS`; ``normalizer`` None or a number / one-element
+    tensor > 0 (a tensor's value is read on the host: inside sftkey.compiled's op under
+    ``torch.compile``)."""
+    if opts.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
+    if opts.normalizer is None:
+        return
+    if isinstance(opts.normalizer, Tensor):
+        if opts.normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a scalar, got shape {tuple(opts.normalizer.shape)}")
+        value = None if torch.compiler.is_compiling() else float(opts.normalizer)
+    else:
+        value = _number("normalizer", opts.normalizer)
+    if value is not None and not value > 0:
+        raise ValueError(f"normalizer must be > 0, got {value}")
+
+
+def _bools(opts, names: tuple) -> None:
+    for name in names:
+        if not isinstance(getattr(opts, name), bool):
+            raise TypeError(f"{name} must be a bool, got {type(getattr(opts, name)).__name__}")
+
+
 def check_head_options(opts) -> None:
     """The options of a :class:`~sftkey.options.HeadOptions` (the types of its tensors; their
     shapes in :func:`check_head_tensors`)."""
-    if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(opts.ignore_index).__name__}")
+    _ignore_index(opts.ignore_index)
     if opts.class_weights is not None:
         _floating("class_weights", _tensor("class_weights", opts.class_weights))
     if opts.softcap is not None:
@@ -155,21 +183,8 @@ def check_loss_options(opts) -> None:
         _number("entropy_weights", ew)
     _number("label_smoothing", opts.label_smoothing, low=0.0, high=1.0)
     _number("z_loss", opts.z_loss, low=0.0)
-    if opts.reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
-    if opts.normalizer is not None:
-        if isinstance(opts.normalizer, Tensor):
-            if opts.normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a scalar, got shape {tuple(opts.normalizer.shape)}")
-            # its value is read on the host: inside sftkey.compiled's op under torch.compile
-            value = None if torch.compiler.is_compiling() else float(opts.normalizer)
-        else:
-            value = _number("normalizer", opts.normalizer)
-        if value is not None and not value > 0:
-            raise ValueError(f"normalizer must be > 0, got {value}")
-    for name in ("dft", "shift", "return_stats"):
-        if not isinstance(getattr(opts, name), bool):
-            raise TypeError(f"{name} must be a bool, got {type(getattr(opts, name)).__name__}")
+    _reduction_and_normalizer(opts)
+    _bools(opts, ("dft", "shift", "return_stats"))
 
 
 def check_head_tensors(opts, targets: Tensor, vocab_size: int) -> None:
@@ -212,19 +227,11 @@ def check_divergence_options(opts) -> None:
     _kind("kind", opts.kind)
     _number("beta", opts.beta, low=0.0, high=1.0)
     _number("temperature", opts.temperature, low=0.0, low_open=True)
-    if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(opts.ignore_index).__name__}")
+    _ignore_index(opts.ignore_index)
     if opts.token_weights is not None:
         _floating("token_weights", _tensor("token_weights", opts.token_weights))
-    if opts.reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
-    if opts.normalizer is not None:
-        value = float(opts.normalizer) if isinstance(opts.normalizer, Tensor) else _number("normalizer", opts.normalizer)
-        if not value > 0:
-            raise ValueError(f"normalizer must be > 0, got {value}")
-    for name in ("shift", "ref_grad"):
-        if not isinstance(getattr(opts, name), bool):
-            raise TypeError(f"{name} must be a bool, got {type(getattr(opts, name)).__name__}")
+    _reduction_and_normalizer(opts)
+    _bools(opts, ("shift", "ref_grad"))
     if opts.backend not in ("auto", "torch", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton', 'reference'), got {opts.backend!r}")
     _triton_kind("kind", opts.kind, opts.backend)
