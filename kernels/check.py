@@ -30,7 +30,7 @@ from .pair_rows import pair_grads_kernel, pair_stats_kernel
 from .rows import row_grads_kernel, row_stats_kernel
 
 _INDEX = {"y", "amax_i_out", "argmax_out"}
-_SCALARS = {"N": "i32", "V": "i32", "D": "i32", "tiles_per_split": "i32", "stride_o": "i64", "stride_dz": "i64",
+_SCALARS = {"N": "i32", "V": "i32", "gap": "i32", "D": "i32", "tiles_per_split": "i32", "stride_o": "i64", "stride_dz": "i64",
             "stride_a": "i64",
             "softcap": "fp32", "filter_eps": "fp32"}
 _FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, TOPK=8, K_PAD=8, HAS_GLSE=True, HAS_GS=True,

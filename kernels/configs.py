@@ -7,7 +7,8 @@ top-8, every gradient term dense) and within each generation's shared memory per
 128 x 128 logits tiles spilled there on sm_90 (forward 700 bytes, backward 3960) and
 64 x 128 ones still did in the backward; 64 x 64 tiles do not. The mma.sync generations
 (sm_80, sm_86/89) take 32-wide operand slices in the backward (64-wide ones spilled 64 bytes
-on sm_86). Re-tune them with ``bench/`` on a GPU and record the measured choice here.
+on sm_86), and so does sm_100 (64-wide float32 slices spilled 8 bytes there under Triton 3.6,
+none under 3.9; 32-wide ones leave 37 registers of 255 to spare under both). Re-tune them with ``bench/`` on a GPU and record the measured choice here.
 
 * forward: a ``BLOCK_N x BLOCK_V`` logits tile from ``BLOCK_D``-wide operand slices of X
   and W, ``num_stages`` of them in flight.
@@ -90,7 +91,7 @@ GENERATIONS = {
     86: _SMALL_SHARED,
     89: replace(_SMALL_SHARED, capability=89),
     90: Generation(90, 227 * _KIB, _TILE, _TILE, _ROWS),
-    100: Generation(100, 227 * _KIB, _TILE, _TILE, _ROWS),
+    100: Generation(100, 227 * _KIB, _TILE, replace(_TILE, block_d=32), _ROWS),
 }
 
 

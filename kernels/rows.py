@@ -16,7 +16,11 @@ owns one row and walks its ``V`` columns in ``BLOCK_V``-wide chunks, in order:
   with ``p = exp(z - lse)``, in the dtype of ``dz`` (the products' dtype), at ``dz``'s row
   stride. ``dz`` may overlay ``o``: a narrower dtype over the same bytes writes chunk ``k``
   within the bytes of chunks ``<= k``, which a barrier after each chunk's loads makes sure
-  every thread of the program has read.
+  every thread of the program has read. Such a ``dz`` row has a gap, columns ``V`` to its
+  stride ``stride_dz``, that still holds the bits of ``o``'s second half (some of which read
+  as NaN or Inf in the narrower dtype); the program then zeroes it (``gap``: its width) once
+  the row is read, so that a matrix product that reads a strided operand's gap (oneDNN's
+  bf16 product on AMX does) reads finite values.
 """
 import triton
 import triton.language as tl
@@ -93,7 +97,7 @@ def row_stats_kernel(o, stride_o, b, y, c, lse_out, zy_out, s_out, z_out, argmax
 
 @triton.jit
 def row_grads_kernel(o, stride_o, dz, stride_dz, b, y, c, lse, s_exp, g_lse, g_zy, g_s, g_z,
-                     V, softcap,
+                     V, gap, softcap,
                      HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, SOFTCAP: tl.constexpr,
                      HAS_GLSE: tl.constexpr, HAS_GZY: tl.constexpr, HAS_GS: tl.constexpr,
                      HAS_GZ: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -126,3 +130,6 @@ def row_grads_kernel(o, stride_o, dz, stride_dz, b, y, c, lse, s_exp, g_lse, g_z
             capped = z / softcap
             g = g * (1.0 - capped * capped)
         tl.store(dz_row + cols, g.to(dz.dtype.element_ty), mask=col_mask)
+    for v0 in range(V, V + gap, BLOCK_V):  # the row is read: zero the gap of an overlaid dz
+        cols = v0 + tl.arange(0, BLOCK_V)
+        tl.store(dz_row + cols, tl.zeros((BLOCK_V,), dz.dtype.element_ty), mask=cols < V + gap)

@@ -27,12 +27,8 @@ START=$(date +%s)
 
 log() { echo "[gpu-check +$(($(date +%s) - START))s] $*" | tee -a "$OUT/summary.txt"; }
 
-# sftkey ships kernels/ as sftkey.kernels; without an install, a tree of links makes it importable.
-LINKS=$(mktemp -d)
-trap 'rm -rf "$LINKS"' EXIT
-cp -rs "$ROOT/sftkey" "$LINKS/sftkey"
-[ -e "$LINKS/sftkey/kernels" ] || ln -s "$ROOT/kernels" "$LINKS/sftkey/kernels"
-export PYTHONPATH="$LINKS:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# No install: the tree imports as it is (the link sftkey/kernels -> ../kernels is sftkey.kernels).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=1  # Triton 3.9 warns without it; the default since 3.0
 
 "$PY" - > "$OUT/environment.txt" 2>&1 <<'EOF'

@@ -22,9 +22,10 @@ def _kernel_device():
     """Where the Triton kernels run in this session: compiled on CUDA, interpreted on the CPU
     (``TRITON_INTERPRET=1`` set before triton was imported), else nowhere (None)."""
     try:
-        from sftkey.kernels import INTERPRETED
+        import triton  # noqa: F401
     except ImportError:
         return None
+    from sftkey.kernels.configs import INTERPRETED
     if torch.cuda.is_available() and not INTERPRETED:
         return torch.device("cuda")
     return torch.device("cpu") if INTERPRETED else None

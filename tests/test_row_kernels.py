@@ -23,6 +23,7 @@ from test_triton_kernels import ALL, make, reference, upstream  # noqa: E402
 
 rows_backend = importlib.import_module("sftkey.backends.triton_rows")
 torch_backend = importlib.import_module("sftkey.backends.torch")
+products = importlib.import_module("sftkey.backends.products")
 
 pytestmark = needs_kernels
 
@@ -91,6 +92,34 @@ def check(head, coef, needs=ALL, reads=Reads()):
         assert_close(g, r, dtype, name)
         assert_close(g, tr.double(), dtype, f"{name} against the torch backend")
     return got
+
+
+def reads_gaps(ways):
+    """A product ``a @ b`` as a BLAS that reads the gap between a row-strided ``a``'s rows forms
+    it (oneDNN's bf16 product on AMX, torch 2.13): ``a``'s full rows times ``b`` padded with
+    zero rows, so anything but a finite value in the gap spoils the result (``0 * NaN``)."""
+
+    def product(a, b, out, accumulate=False):
+        gap = a.stride(0) - a.shape[1]
+        if a.stride(1) == 1 and gap > 0:
+            a, b = a.as_strided((a.shape[0], a.stride(0)), a.stride()), torch.cat([b, b.new_zeros(gap, b.shape[1])])
+        ways(a, b, out, accumulate)
+
+    return product
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [dict(), dict(class_weights=True, softcap=3.0)], ids=["plain", "cw+softcap"])
+def test_products_may_read_row_gaps(dtype, case, monkeypatch):
+    """Float32 logits with ``dz`` overlaid in bf16/fp16 at their row stride: a product that
+    reads the gap between ``dz``'s rows gets the same ``dX`` (the kernel zeroes the gap)."""
+    if not float32_logits(KERNEL_DEVICE.type, dtype):
+        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type, dtype: True)
+        monkeypatch.setattr(rows_backend, "_mm_float32", lambda a, b, out: torch.mm(a.float(), b.float(), out=out))
+    monkeypatch.setattr(products, "DX", reads_gaps(products.DX))
+    head = make(dtype, **case)
+    assert logits_dtype(head.x) == torch.float32
+    check(head, upstream(head.x.shape[0]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -11,10 +11,9 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, needs_kernels  # noqa: E402
-from sftkey import kernels  # noqa: E402
 from sftkey.backends.base import Head, Needs, StatGrads  # noqa: E402
 from sftkey.backends.triton import FusedTritonBackend, _launch_args  # noqa: E402
-from sftkey.kernels.configs import INTERPRETER  # noqa: E402
+from sftkey.kernels.configs import INTERPRETED, INTERPRETER  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
 
 pytestmark = needs_kernels
@@ -174,7 +173,7 @@ def test_filter_eps_bf16_within_tolerance():
         assert_close(a, b, torch.bfloat16, name)
 
 
-@pytest.mark.skipif(not kernels.INTERPRETED, reason="the up-cast is the interpreter's (compiled tl.dot takes bf16)")
+@pytest.mark.skipif(not INTERPRETED, reason="the up-cast is the interpreter's (compiled tl.dot takes bf16)")
 def test_bf16_dot_upcast_under_interpreter():
     x = torch.zeros(2, 2, dtype=torch.bfloat16)
     assert _launch_args(x, INTERPRETER)["UPCAST"] is True

@@ -20,9 +20,8 @@ import triton  # noqa: F401  (ImportError here tells the registry that triton is
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from sftkey import kernels
 from sftkey.kernels.backward import backward_kernel
-from sftkey.kernels.configs import KernelConfig, default_config, generation
+from sftkey.kernels.configs import INTERPRETED, KernelConfig, default_config, generation
 from sftkey.kernels.forward import forward_kernel
 
 from .base import MAX_TOPK, Backend, Head, Needs, RowStats, StatGrads
@@ -58,7 +57,7 @@ def _dot_precision(x: Tensor) -> str:
 
 
 def _launch_args(x: Tensor, cfg: KernelConfig) -> dict:
-    upcast = kernels.INTERPRETED and x.dtype == torch.bfloat16
+    upcast = INTERPRETED and x.dtype == torch.bfloat16
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, UPCAST=upcast,
                 DOT_PREC=_dot_precision(x),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -67,7 +66,7 @@ def _launch_args(x: Tensor, cfg: KernelConfig) -> dict:
 def known_gpu(device: torch.device) -> bool:
     """Whether ``device`` is a CUDA device of a generation with block shapes (checked by
     ``python -m sftkey.kernels.check``), or the CPU under the interpreter."""
-    return generation(device) is not None if device.type == "cuda" else kernels.INTERPRETED
+    return generation(device) is not None if device.type == "cuda" else INTERPRETED
 
 
 def or_torch(method):
@@ -119,7 +118,7 @@ class FusedTritonBackend(Backend):
         device = torch.device(device)
         if device.type == "cuda":
             return torch.cuda.is_available()
-        return device.type == "cpu" and kernels.INTERPRETED
+        return device.type == "cpu" and INTERPRETED
 
     def _splits(self, x: Tensor, cfg: KernelConfig, num_n: int, num_tiles: int) -> int:
         """Vocabulary splits per row block: enough programs for ``cfg.occupancy`` per SM."""

@@ -11,7 +11,8 @@ of a float32 ``dW`` (:func:`group_budget`; the torch backend's
 2. :func:`~sftkey.kernels.rows.row_stats_kernel` reads ``o`` once for the statistics the loss
    reads; the loss gives the group's upstream gradients;
 3. :func:`~sftkey.kernels.rows.row_grads_kernel` writes ``dz`` over ``o`` in the inputs'
-   dtype (a bf16/fp16 view of a float32 ``o`` keeps its row stride);
+   dtype (a bf16/fp16 view of a float32 ``o`` keeps its row stride, and the kernel zeroes
+   the rest of each row, so that the products below read no stale float32 bits there);
 4. ``dX = dz W`` and ``dW += dz^T X_g`` by ``torch.mm``, summed across groups in float32
    (the torch backend's :class:`~sftkey.backends.torch._Gradients`; a bf16/fp16 ``dW`` by one
    float32-output ``addmm`` per group where the device has it).
@@ -120,6 +121,12 @@ def _flags(head: Head) -> dict:
     return dict(HAS_BIAS=head.b is not None, HAS_C=head.c is not None, SOFTCAP=head.softcap is not None)
 
 
+def _gap(o: Tensor, dz: Tensor) -> int:
+    """Columns of a narrower ``dz`` overlaid on ``o`` between its ``V`` columns and its row
+    stride, which the kernel zeroes (0 where ``dz`` is ``o``)."""
+    return dz.stride(0) - o.shape[1] if dz.element_size() < o.element_size() else 0
+
+
 def _launch(cfg: RowConfig) -> dict:
     return dict(BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
 
@@ -186,6 +193,6 @@ class TritonBackend(FusedTritonBackend):
             head.c if head.c is not None else dummy, stats.lse,
             stats.expected_logit if stats.expected_logit is not None else dummy,
             *(t if t is not None else dummy for t in g),
-            o.shape[1], float(head.softcap or 1.0),
+            o.shape[1], _gap(o, dz), float(head.softcap or 1.0),
             HAS_GLSE=g[0] is not None, HAS_GZY=g[1] is not None, HAS_GS=g[2] is not None,
             HAS_GZ=g[3] is not None, **_flags(head), **_launch(cfg))

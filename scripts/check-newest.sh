@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite against the newest release of every dependency but torch (the registry's
+# only CPU build is 2.13.0; newer wheels pull the CUDA packages), in a fresh .venv-newest.
+# Run it before a change lands on main. When it fails, fix the code, not the pin; when it
+# passes, `--update` writes the versions it ran with to scripts/constraints.txt (what
+# scripts/setup.sh, the README's commands and CI install).
+#
+#   scripts/check-newest.sh [--update] [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UPDATE=0
+if [ "${1:-}" = "--update" ]; then UPDATE=1; shift; fi
+VENV=.venv-newest
+rm -rf "$VENV"
+python3 -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" --upgrade --upgrade-strategy eager triton -e ".[test,bench,hf]"
+"${PIP[@]}" --upgrade --no-deps cut-cross-entropy
+
+FREEZE=$VENV/constraints.txt
+"$VENV/bin/python" -m pip freeze --exclude-editable | grep -v '^sftkey' | sed 's/^torch==\(.*\)+cpu$/torch==\1/' \
+    | LC_ALL=C sort -f > "$FREEZE"
+echo "check-newest: versions that differ from scripts/constraints.txt (< pinned, > newest):"
+diff <(grep -v '^#' scripts/constraints.txt | LC_ALL=C sort -f) "$FREEZE" | grep '^[<>]' || echo "  none"
+
+status=0
+"$VENV/bin/python" -m pytest "$@" || status=$?
+echo "check-newest: pytest exit status $status"
+if [ $status -eq 0 ] && [ $UPDATE -eq 1 ]; then
+    { grep '^#' scripts/constraints.txt; cat "$FREEZE"; } > scripts/constraints.txt.new
+    mv scripts/constraints.txt.new scripts/constraints.txt
+    echo "check-newest: scripts/constraints.txt updated"
+fi
+exit $status
