@@ -1,6 +1,6 @@
 """``python -m bench.critical_search``: tokens per second of CFT's critical-token search.
 
-A tiny Llama from a config (random weights, seeded), prompts from :class:`sftkey.program_lm.HalfSum`'s
+A tiny Llama from a config (random weights, seeded), prompts from :class:`examples.program_lm.HalfSum`'s
 tokenizer, a checker that calls every response right (so every position is tried: the
 search's whole cost), ``max_new_tokens`` per response. For each batch size it reports the
 rollouts, the generated tokens (greedy decodes included), the wall time and the process's
@@ -17,8 +17,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sftkey.critical import find_critical_tokens
-from sftkey.program_lm import HalfSum
+from sftkey.methods.critical import find_critical_tokens
+from examples.program_lm import HalfSum
 
 from .report import device_name
 

@@ -1,6 +1,6 @@
 """CFT's critical-token search on a task whose critical tokens are known by construction.
 
-The model is :class:`sftkey.program_lm.HalfSum`'s: for the prompt ``"a+b="`` it writes
+The model is :class:`program_lm.HalfSum`'s: for the prompt ``"a+b="`` it writes
 ``"..{a+b}...<Answer>{(a+b)//2}</Answer>"`` and computes the answer from the sum as written,
 so changing a digit of the sum changes the answer while the filler cannot. The search
 greedy-decodes each problem, substitutes the 2nd and 3rd most probable token at every
@@ -24,9 +24,9 @@ import torch
 
 import sftkey
 from sftkey import methods
-from sftkey.critical import find_critical_tokens
-from sftkey.data import TokenWeightCollator
-from sftkey.program_lm import HalfSum
+from sftkey.methods.critical import find_critical_tokens
+from sftkey.methods.data import TokenWeightCollator
+from program_lm import HalfSum
 
 
 def score(results, problems, task: HalfSum, rule: str) -> tuple[float, float]:

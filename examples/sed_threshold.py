@@ -1,7 +1,7 @@
 """SED-SFT's threshold calibrated from the model itself, then SED-SFT steps with it.
 
 A tiny Llama (from a config, 2 layers, hidden 64, seeded) first learns a little of a
-synthetic task (:class:`sftkey.program_lm.HalfSum`'s texts, ``"a+b=..{a+b}...<Answer>..."``)
+synthetic task (:class:`program_lm.HalfSum`'s texts, ``"a+b=..{a+b}...<Answer>..."``)
 with plain SFT, standing in for the pretrained model SED-SFT starts from. Then the
 threshold ``tau`` is calibrated on the first 100 validation samples with that initial
 model, for each set of :data:`sftkey.methods.SED_SFT_SETTINGS` (the authors' trainer and
@@ -22,9 +22,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sftkey
 from sftkey import methods
-from sftkey.data import TokenWeightCollator
-from sftkey.program_lm import HalfSum
-from sftkey.sed import top_mass
+from sftkey.methods.data import TokenWeightCollator
+from program_lm import HalfSum
+from sftkey.methods.sed import top_mass
 
 
 def features(task: HalfSum, n: int, seed: int) -> list[dict]:

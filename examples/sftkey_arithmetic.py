@@ -25,9 +25,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
-from sftkey import keys
-from sftkey.data import TokenWeightCollator
-from sftkey.trainer import SFTKeyTrainer, Stage
+from sftkey.methods import keys
+from sftkey.methods.data import TokenWeightCollator
+from sftkey.methods.trainer import SFTKeyTrainer, Stage
 
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lia"]
 ITEMS = ["apples", "books", "coins", "marbles", "pens", "shells", "stamps", "cards"]

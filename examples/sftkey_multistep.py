@@ -33,9 +33,9 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from transformers import TrainingArguments
 
-from sftkey import keys
-from sftkey.data import TokenWeightCollator
-from sftkey.trainer import SFTKeyTrainer, Stage
+from sftkey.methods import keys
+from sftkey.methods.data import TokenWeightCollator
+from sftkey.methods.trainer import SFTKeyTrainer, Stage
 from sftkey_arithmetic import build_model, build_tokenizer, key_loss
 
 MARKER = "####"

@@ -1,6 +1,6 @@
 """The public functions: :func:`linear_cross_entropy`, :class:`LinearCrossEntropyLoss`,
 :func:`logit_stats` and :func:`linear_divergence`. Each builds its options (:mod:`sftkey.options`), prepares its inputs
-(:mod:`sftkey.inputs`) and hands them to the passes (:mod:`sftkey.passes`) on a backend."""
+(:mod:`sftkey.core.inputs`) and hands them to the passes (:mod:`sftkey.core.passes`) on a backend."""
 from __future__ import annotations
 
 from dataclasses import fields, replace
@@ -9,9 +9,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import compiled, pair_passes, passes, reference, validation
+from . import reference
 from .backends import get_backend
-from .inputs import pair_head, prepare, prepare_pair
+from .core import compiled, pair_passes, passes, validation
+from .core.inputs import pair_head, prepare, prepare_pair
 from .options import DivergenceOptions, HeadOptions, LossOptions, with_options
 from .results import LogitStats, LossStats
 
@@ -31,7 +32,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     shaped like ``targets`` for ``reduction="none"``; with ``return_stats``,
     ``(loss, LossStats)``. For ``"mean"``/``"sum"``, tokens without a loss (ignored, or every
     weight zero) take no matrix products for gradients. Under ``torch.compile`` the call is
-    traced without graph breaks (:mod:`sftkey.compiled`), except with an ``anchor``, which
+    traced without graph breaks (:mod:`sftkey.core.compiled`), except with an ``anchor``, which
     is eager only. With ``anchor=(ref_hidden, ref_weight[, ref_bias])`` (a frozen reference
     head, ``ref_hidden [..., D_ref]``, ``ref_weight [V, D_ref]``) each token's loss also takes
     ``anchor_weight * a_i * D_i`` (``anchor_kind``, docs/design.md "Two heads"), in the same
@@ -71,7 +72,7 @@ def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Option
 
 
 def _anchored(hidden, weight, targets, bias, opts: LossOptions):
-    """``linear_cross_entropy`` with an anchor (:func:`sftkey.pair_passes.anchored_loss`)."""
+    """``linear_cross_entropy`` with an anchor (:func:`sftkey.core.pair_passes.anchored_loss`)."""
     if torch.compiler.is_compiling():
         raise NotImplementedError("linear_cross_entropy(anchor=...) is not traced by torch.compile yet: call it "
                                   "outside the compiled region (or compile the model body only)")

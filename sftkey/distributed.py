@@ -12,7 +12,7 @@ local ``lse``); the shard sizes are all-gathered first::
     zy  = sum_r zy_r  (one rank owns y_i)     Z = sum_r Z_r
     argmax: the largest top-1 logit, ties to the lowest global index
 
-The loss is then :mod:`sftkey.loss` on the global statistics, identical on every rank. The
+The loss is then :mod:`sftkey.core.loss` on the global statistics, identical on every rank. The
 backward hands the backend the global ``lse`` and ``S``, so ``dz`` of the shard's columns is
 exact: ``dW``/``db`` are the shard's rows of the full gradient, and ``dX`` (a partial sum over
 the shard's columns) is all-reduced once, ``N x D`` in float32. No ``N x V`` tensor is
@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import passes
+from .core import passes
 from .backends import get_backend
 from .backends.base import Backend, Head, Needs, RowStats, StatGrads, accumulation_dtype
-from .inputs import flat_targets, flat_weights, prepare
-from .loss import TokenTerms, nonzero, weight_sum
+from .core.inputs import flat_targets, flat_weights, prepare
+from .core.loss import TokenTerms, nonzero, weight_sum
 from .options import LossOptions, with_options
 from .results import LossStats
 

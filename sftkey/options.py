@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from torch import Tensor
 
-from . import validation
+from .core import validation
 
 if TYPE_CHECKING:
     from .backends.base import Backend

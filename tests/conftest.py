@@ -4,6 +4,8 @@
 Without a GPU the Triton backend runs under the interpreter, which must be switched on
 before ``triton`` is first imported; that happens here."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the examples' modules (examples/program_lm.py: a model computed by a program) for the tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from sftkey.backends import triton_usable  # noqa: E402
 from sftkey.testing import TOLERANCE, assert_close, rel_err  # noqa: E402,F401  (the tests import them from here)

@@ -1,9 +1,9 @@
-"""sftkey.answers: answer extraction and comparison, edge cases."""
+"""sftkey.methods.answers: answer extraction and comparison, edge cases."""
 from fractions import Fraction
 
 import pytest
 
-from sftkey.answers import AnswerChecker, answers_match, normalize_answer, parse_number
+from sftkey.methods.answers import AnswerChecker, answers_match, normalize_answer, parse_number
 
 
 @pytest.mark.parametrize("text, value", [

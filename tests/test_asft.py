@@ -13,7 +13,7 @@ import sftkey  # noqa: E402
 from sftkey import methods  # noqa: E402
 from sftkey.integrations.transformers import use_fused_loss  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
-from sftkey.trainer import SFTKeyTrainer  # noqa: E402
+from sftkey.methods.trainer import SFTKeyTrainer  # noqa: E402
 
 V = 61
 COMMON = dict(vocab_size=V, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -1,4 +1,4 @@
-"""sftkey.critical: the search finds exactly the critical tokens of a task built to have them;
+"""sftkey.methods.critical: the search finds exactly the critical tokens of a task built to have them;
 batched, cached, left-padded rollouts equal one-at-a-time greedy decoding; resume; masks."""
 import json
 import random
@@ -10,9 +10,9 @@ pytest.importorskip("transformers")
 
 import sftkey  # noqa: E402
 from sftkey import methods  # noqa: E402
-from sftkey.critical import CriticalResult, find_critical_tokens, greedy_continue, read_results  # noqa: E402
-from sftkey.data import TokenWeightCollator  # noqa: E402
-from sftkey.program_lm import HalfSum  # noqa: E402
+from sftkey.methods.critical import CriticalResult, find_critical_tokens, greedy_continue, read_results  # noqa: E402
+from sftkey.methods.data import TokenWeightCollator  # noqa: E402
+from program_lm import HalfSum  # noqa: E402
 
 TASK = HalfSum()
 PROBLEMS = [(37, 45), (5, 8), (0, 9), (99, 1), (250, 749), (3, 4), (64, 36), (18, 1)]

@@ -1,10 +1,10 @@
-"""sftkey.data: the token-weight collator."""
+"""sftkey.methods.data: the token-weight collator."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sftkey.data import TokenWeightCollator
+from sftkey.methods.data import TokenWeightCollator
 
 FEATURES = [
     {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "token_weights": [0.0, 1.0, 0.5],

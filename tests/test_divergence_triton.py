@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 import sftkey  # noqa: E402
-from sftkey import pair_passes  # noqa: E402
+from sftkey.core import pair_passes  # noqa: E402
 from sftkey.backends import triton_pair  # noqa: E402
 
 from conftest import DEVICE, needs_cuda, needs_kernels  # noqa: E402

@@ -258,7 +258,7 @@ def test_torch_compile_of_a_patched_model_matches_without_graph_breaks():
         got = _call_and_grads(compiled, model, **kwargs)
         assert got[0].logits is None
         assert_same(got, want)
-    report = explain.output()  # the body, the head and the fused loss (sftkey.compiled's ops) in one graph
+    report = explain.output()  # the body, the head and the fused loss (sftkey.core.compiled's ops) in one graph
     assert report.graph_break_count == 0, [(r.reason, [f"{f.filename}:{f.lineno}" for f in r.user_stack])
                                            for r in report.break_reasons]
 

@@ -1,10 +1,10 @@
-"""sftkey.keys: key-span detection, token alignment, SFTKey stage labels and weights."""
+"""sftkey.methods.keys: key-span detection, token alignment, SFTKey stage labels and weights."""
 import random
 import re
 
 import pytest
 
-from sftkey.keys import (
+from sftkey.methods.keys import (
     DEFAULT_PATTERNS,
     IGNORE_INDEX,
     KEY_PATTERNS,
@@ -276,7 +276,7 @@ def test_no_key_policies(tok):
 
 
 def test_build_features_report_and_collation(tok):
-    from sftkey.data import TokenWeightCollator
+    from sftkey.methods.data import TokenWeightCollator
 
     examples = [
         {"prompt": PROMPT, "response": RESPONSE},

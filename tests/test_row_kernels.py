@@ -17,11 +17,11 @@ pytest.importorskip("triton")
 from conftest import KERNEL_DEVICE, needs_cuda, needs_kernels  # noqa: E402
 from sftkey import config  # noqa: E402
 from sftkey.backends.base import BlockResult, Needs, Reads, StatGrads  # noqa: E402
-from sftkey.backends.triton_rows import TritonBackend, float32_logits, logits_dtype  # noqa: E402
+from sftkey.backends.triton import TritonBackend, float32_logits, logits_dtype  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
 from test_triton_kernels import ALL, make, reference, upstream  # noqa: E402
 
-rows_backend = importlib.import_module("sftkey.backends.triton_rows")
+rows_backend = importlib.import_module("sftkey.backends.triton")
 torch_backend = importlib.import_module("sftkey.backends.torch")
 products = importlib.import_module("sftkey.backends.products")
 
@@ -239,7 +239,7 @@ def test_out_of_resources_falls_back_to_torch_once(monkeypatch):
 
 def test_unknown_gpu_falls_back_to_torch(monkeypatch):
     """A device without block shapes (an unknown GPU generation) runs the torch backend, warned."""
-    sftkey_triton = importlib.import_module("sftkey.backends.triton")
+    sftkey_triton = importlib.import_module("sftkey.backends.triton_fused")
     monkeypatch.setattr(sftkey_triton, "known_gpu", lambda device: False)
     head = make(torch.float32, n=20, v=100)
     with pytest.warns(RuntimeWarning, match="no block shapes"):

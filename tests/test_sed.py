@@ -5,7 +5,7 @@ import torch
 
 import sftkey
 from sftkey import methods
-from sftkey.sed import top_mass
+from sftkey.methods.sed import top_mass
 
 from conftest import TOLERANCE, backends
 

@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import sftkey_multistep as multistep  # noqa: E402
 
-from sftkey import keys  # noqa: E402
+from sftkey.methods import keys  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 
-from sftkey.data import TokenWeightCollator  # noqa: E402
+from sftkey.methods.data import TokenWeightCollator  # noqa: E402
 from sftkey.distributed import global_normalizer  # noqa: E402
 from sftkey.integrations.transformers import use_fused_loss  # noqa: E402
 
@@ -117,7 +117,7 @@ class _Grads(transformers.TrainerCallback):
 
 def _trainer_case(out_dir):
     """SFTKeyTrainer, DDP over 2 ranks, batch 2 and 2 accumulation steps: one step on 8 sequences."""
-    from sftkey.trainer import SFTKeyTrainer
+    from sftkey.methods.trainer import SFTKeyTrainer
 
     features = _features()
     grads = _Grads()

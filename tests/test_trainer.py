@@ -9,10 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sftkey import keys  # noqa: E402
-from sftkey.data import TokenWeightCollator  # noqa: E402
+from sftkey.methods import keys  # noqa: E402
+from sftkey.methods.data import TokenWeightCollator  # noqa: E402
 from sftkey.integrations.transformers import is_patched, use_fused_loss  # noqa: E402
-from sftkey.trainer import SFTKeyTrainer, Stage  # noqa: E402
+from sftkey.methods.trainer import SFTKeyTrainer, Stage  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import sftkey_arithmetic as arithmetic  # noqa: E402
@@ -97,7 +97,7 @@ def _trl_config(tmp_path, **overrides):
 def _fused_sft_trainer():
     """TRL's ``SFTTrainer`` with :class:`FusedLossMixin` in front."""
     trl = pytest.importorskip("trl")
-    from sftkey.trainer import FusedLossMixin
+    from sftkey.methods.trainer import FusedLossMixin
 
     class FusedSFTTrainer(FusedLossMixin, trl.SFTTrainer):
         pass

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, needs_kernels  # noqa: E402
 from sftkey.backends.base import Head, Needs, StatGrads  # noqa: E402
-from sftkey.backends.triton import FusedTritonBackend, _launch_args  # noqa: E402
+from sftkey.backends.triton_fused import FusedTritonBackend, _launch_args  # noqa: E402
 from sftkey.kernels.configs import INTERPRETED, INTERPRETER  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
 

@@ -11,8 +11,8 @@ from .base import Backend
 
 _REGISTRY = {
     "torch": "sftkey.backends.torch:TorchBackend",
-    "triton": "sftkey.backends.triton_rows:TritonBackend",
-    "triton-fused": "sftkey.backends.triton:FusedTritonBackend",
+    "triton": "sftkey.backends.triton:TritonBackend",
+    "triton-fused": "sftkey.backends.triton_fused:FusedTritonBackend",
 }
 
 BACKEND_NAMES = ("auto", "reference", *_REGISTRY)
@@ -42,7 +42,7 @@ def get_backend(backend: Union[str, Backend], device: torch.device) -> Backend:
 def triton_usable(device: torch.device) -> bool:
     """Whether the triton backends can run on ``device``, with block shapes for its GPU."""
     try:
-        from .triton import known_gpu
+        from .triton_fused import known_gpu
 
         return _load("triton").available(device) and known_gpu(device)
     except ImportError:

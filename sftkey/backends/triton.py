@@ -1,237 +1,198 @@
-"""The fused Triton backend (``backend="triton-fused"``): launches :mod:`sftkey.kernels` on CUDA, or on the CPU through
-Triton's interpreter when ``TRITON_INTERPRET=1`` was set before importing Triton.
+"""The Triton backend (``backend="triton"``): the single pass of a scalar loss with the torch
+backend's structure, its block math in Triton (:mod:`sftkey.kernels.rows`).
 
-A head's ``rows`` are gathered first (the kernels read contiguous rows of X).
+Rows go in groups within :data:`sftkey.config.chunk_budget_bytes`, on CUDA at least the bytes
+of a float32 ``dW`` (:func:`group_budget`; the torch backend's
+:class:`~sftkey.backends.torch._Workspace`). For each group:
 
-Forward: one kernel writes per-split partial statistics (row blocks x vocabulary splits, so
-a small ``N`` still fills the GPU); the host merges splits in ``O(N * splits)``.
-Backward: one kernel over logits tiles adds the dense ``p``-proportional part of ``dz`` into
-float32 ``dX``/``dW``/``db`` buffers with atomics; without a softcap, the one-hot ``g_zy`` and
-rank-one ``g_Z c`` parts are added here with a scatter and outer products.
+1. ``o = X_g W^T`` by ``torch.mm`` (cuBLAS on CUDA) into the group's buffer: float32 from
+   bf16/fp16 inputs where this torch has ``torch.mm(..., out_dtype=torch.float32)`` for the
+   device (checked once per device type), else in the inputs' dtype;
+2. :func:`~sftkey.kernels.rows.row_stats_kernel` reads ``o`` once for the statistics the loss
+   reads; the loss gives the group's upstream gradients;
+3. :func:`~sftkey.kernels.rows.row_grads_kernel` writes ``dz`` over ``o`` in the inputs'
+   dtype (a bf16/fp16 view of a float32 ``o`` keeps its row stride, and the kernel zeroes
+   the rest of each row, so that the products below read no stale float32 bits there);
+4. ``dX = dz W`` and ``dW += dz^T X_g`` by ``torch.mm``, summed across groups in float32
+   (the torch backend's :class:`~sftkey.backends.torch._Gradients`; a bf16/fp16 ``dW`` by one
+   float32-output ``addmm`` per group where the device has it).
+
+``6NDV`` FLOPs in the matrix products plus three passes over a group's logits; extra memory
+one group's buffer plus, for a bf16/fp16 ``dW`` over several groups, its float32 sum: on CUDA
+at most twice the larger of the chunk budget and the float32 ``dW``'s ``4VD`` bytes.
+``reduction="none"`` and ``logit_stats`` take the fused kernels' recompute (inherited from
+:class:`~sftkey.backends.triton_fused.FusedTritonBackend`).
 """
 from __future__ import annotations
 
-import functools
-import warnings
+from functools import lru_cache
 from typing import Optional
 
 import torch
-import triton  # noqa: F401  (ImportError here tells the registry that triton is unusable)
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
-from sftkey.kernels.backward import backward_kernel
-from sftkey.kernels.configs import INTERPRETED, KernelConfig, default_config, generation
-from sftkey.kernels.forward import forward_kernel
+from sftkey import config
+from sftkey.kernels.configs import RowConfig, row_config
+from sftkey.kernels.rows import row_grads_kernel, row_stats_kernel
 
-from .base import MAX_TOPK, Backend, Head, Needs, RowStats, StatGrads
-from .torch import TorchBackend
+from .base import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, StatGrads
+from .torch import _Gradients, _Workspace
+from .triton_fused import FusedTritonBackend, _check, or_torch
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CHUNK = 8192  # rows per chunk of the host-side vector-matrix products
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_LOWP = (torch.bfloat16, torch.float16)
 
 
-def _check(head: Head) -> None:
-    x, w = head.x, head.w
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {x.dtype}; "
-                        "use backend='torch' for float64")
-    if w.dtype != x.dtype or (head.b is not None and head.b.dtype != x.dtype):
-        raise TypeError(f"backend='triton': hidden ({x.dtype}), weight ({w.dtype}) and bias must share a dtype")
-    for name, t in (("hidden", x), ("weight", w), ("bias", head.b), ("targets", head.y),
-                    ("class_weights", head.c)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"backend='triton': {name} must be contiguous")
+@lru_cache(maxsize=None)
+def float32_logits(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32, out=...)`` runs on ``dtype`` (bf16 or
+    fp16) inputs on this device type (recent torch on CUDA; not on the CPU)."""
+    a = torch.ones(2, 2, dtype=dtype, device=device_type)
+    try:
+        _mm_float32(a, a, torch.empty(2, 2, device=device_type))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
-def _dot_precision(x: Tensor) -> str:
-    """float32 products follow torch's setting: TF32 only where ``torch.backends.cuda.matmul``
-    would use it (``torch.set_float32_matmul_precision("high")``), else exact ("ieee")."""
-    if x.dtype == torch.float32 and (not x.is_cuda or torch.get_float32_matmul_precision() == "highest"):
-        return "ieee"
-    return "tf32"  # Triton's default; ignored for 16-bit operands
+def _mm_float32(a: Tensor, b: Tensor, out: Tensor) -> None:
+    torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
-def _launch_args(x: Tensor, cfg: KernelConfig) -> dict:
-    upcast = INTERPRETED and x.dtype == torch.bfloat16
-    return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, UPCAST=upcast,
-                DOT_PREC=_dot_precision(x),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def _addmm_float32(c: Tensor, a: Tensor, b: Tensor) -> None:
+    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
 
 
-def known_gpu(device: torch.device) -> bool:
-    """Whether ``device`` is a CUDA device of a generation with block shapes (checked by
-    ``python -m sftkey.kernels.check``), or the CPU under the interpreter."""
-    return generation(device) is not None if device.type == "cuda" else INTERPRETED
+@lru_cache(maxsize=None)
+def float32_sums(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` adds ``dtype`` products
+    into a float32 ``c`` in place on this device type, checked on a small product against its
+    float32 value."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=g).to(device_type, dtype)
+    c = torch.randn(16, 16, generator=g).to(device_type)
+    want = c + a.float() @ a.float()
+    try:
+        _addmm_float32(c, a, a)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(c, want, rtol=1e-4, atol=1e-4)
 
 
-def or_torch(method):
-    """Run a backend method, or the torch backend's where the kernels cannot run: on a GPU of an
-    unknown generation, or after Triton's ``OutOfResources``; warned once per backend."""
-
-    @functools.wraps(method)
-    def run(self, head: Head, *args, **kwargs):
-        if self.fallback is None and not known_gpu(head.x.device):
-            self._fall_back(f"no block shapes for {head.x.device}")
-        if self.fallback is None:
-            try:
-                return method(self, head, *args, **kwargs)
-            except OutOfResources as e:
-                self._fall_back(str(e))
-        return getattr(self.fallback, method.__name__)(head, *args, **kwargs)
-
-    return run
+def logits_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of a group's logits products: float32 from bf16/fp16 where the device has
+    float32 output, else the inputs' dtype."""
+    return torch.float32 if x.dtype in _LOWP and float32_logits(x.device.type, x.dtype) else x.dtype
 
 
-def _vecmat(v: Tensor, m: Tensor) -> Tensor:
-    """``v @ m`` in float32 (``v`` [R] float32, ``m`` [R, D]), converting ``_CHUNK`` rows at a time."""
-    out = torch.zeros(m.shape[1], dtype=torch.float32, device=m.device)
-    for s in range(0, m.shape[0], _CHUNK):
-        out += v[s:s + _CHUNK] @ m[s:s + _CHUNK].float()
-    return out
+def _products(x: Tensor, w: Tensor, o: Tensor) -> None:
+    """``o = x w^T`` (``o`` float32 from bf16/fp16 ``x``, or in ``x``'s dtype)."""
+    if o.dtype == x.dtype:
+        torch.mm(x, w.t(), out=o)
+    else:
+        _mm_float32(x, w.t(), o)
 
 
-class FusedTritonBackend(Backend):
-    """Fused Triton kernels, in every pass: the tightest memory (``O(N)`` beyond the
-    gradients), ``8NDV`` for a scalar loss (the generic single pass: forward, then the
-    recompute backward). ``forward_config``/``backward_config`` override the block shapes
-    of :mod:`sftkey.kernels.configs`; ``vocab_splits`` fixes the forward's programs per row block."""
+class _Gradients32(_Gradients):
+    """The torch backend's gradients, but a bf16/fp16 ``dW`` over several groups adds each group's
+    product straight into its float32 sum where :func:`float32_sums` holds (one product per
+    group, no staging through small slices)."""
 
-    name = "triton-fused"
+    def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
+        if self.sum is None or not float32_sums(dz.device.type, dz.dtype):
+            super()._add_staged(dz, x, last)
+            return
+        if self.first:
+            self.sum.zero_()
+        _addmm_float32(self.sum, dz.t(), x)
+        if last:
+            self.dw.copy_(self.sum)
 
-    def __init__(self, forward_config: Optional[KernelConfig] = None,
-                 backward_config: Optional[KernelConfig] = None, vocab_splits: Optional[int] = None):
-        self.forward_config = forward_config
-        self.backward_config = backward_config
-        self.vocab_splits = vocab_splits
-        self.fallback: Optional[Backend] = None
 
-    def _fall_back(self, why: str) -> None:
-        warnings.warn(f"backend={self.name!r}: {why}; using backend='torch' instead", RuntimeWarning, stacklevel=4)
-        self.fallback = TorchBackend()
+def group_budget(head: Head, needs: Needs) -> int:
+    """Bytes of one group's logits: the chunk budget, and on CUDA, where ``dW`` is formed, at
+    least the float32 ``dW`` buffer's ``4VD``, so that the buffer is rewritten at most
+    ``4NV / (4VD) = N / D`` times and each ``dW`` product sums over ``>= D`` rows (rather than
+    the CPU budget's few dozen). Without ``dW`` (a frozen head, no grad) the budget alone."""
+    budget = config.chunk_budget_bytes
+    return max(budget, head.w.numel() * 4) if head.x.is_cuda and needs.dw else budget
 
-    def available(self, device: torch.device) -> bool:
-        device = torch.device(device)
-        if device.type == "cuda":
-            return torch.cuda.is_available()
-        return device.type == "cpu" and INTERPRETED
 
-    def _splits(self, x: Tensor, cfg: KernelConfig, num_n: int, num_tiles: int) -> int:
-        """Vocabulary splits per row block: enough programs for ``cfg.occupancy`` per SM."""
-        if self.vocab_splits is not None:
-            splits = self.vocab_splits
-        elif x.is_cuda and cfg.occupancy:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = _cdiv(sms * cfg.occupancy, num_n)
-        else:
-            splits = 1
-        return max(1, min(splits, num_tiles))
+def _flags(head: Head) -> dict:
+    return dict(HAS_BIAS=head.b is not None, HAS_C=head.c is not None, SOFTCAP=head.softcap is not None)
 
-    @or_torch
-    def forward(self, head: Head, topk: int = 0) -> RowStats:
-        head = head.gathered()
-        _check(head)
-        x, w, b, y, c = head.x, head.w, head.b, head.y, head.c
-        (n, d), v = x.shape, w.shape[0]
-        if not 0 <= topk <= min(MAX_TOPK, v):
-            raise ValueError(f"backend='triton': topk must be in [0, {min(MAX_TOPK, v)}], got {topk}")
-        f32 = dict(dtype=torch.float32, device=x.device)
-        if n == 0:
-            empty = torch.empty(0, **f32)
-            return RowStats(empty, empty, empty, empty, torch.empty(0, dtype=torch.int64, device=x.device),
-                            torch.empty(0, topk, **f32) if topk else None)
-        cfg = self.forward_config or default_config("forward", x.dtype, x.device)
-        num_n, num_tiles = _cdiv(n, cfg.block_n), _cdiv(v, cfg.block_v)
-        tiles_per_split = _cdiv(num_tiles, self._splits(x, cfg, num_n, num_tiles))
-        splits = _cdiv(num_tiles, tiles_per_split)
 
-        m, sum_exp, t, zy, wsum, amax_v = (torch.empty(splits, n, **f32) for _ in range(6))
-        amax_i = torch.empty(splits, n, dtype=torch.int64, device=x.device)
-        top = torch.empty(splits, n, topk, **f32) if topk else m
-        cvec = c.float() if c is not None else None
-        forward_kernel[(num_n * splits,)](
-            x, w, b if b is not None else x, y, cvec if cvec is not None else m,
-            m, sum_exp, t, zy, wsum, amax_v, amax_i, top,
-            n, v, d, tiles_per_split, float(head.softcap or 1.0),
-            HAS_BIAS=b is not None, HAS_C=c is not None, SOFTCAP=head.softcap is not None,
-            TOPK=topk, K_PAD=triton.next_power_of_2(max(topk, 1)), **_launch_args(x, cfg))
+def _gap(o: Tensor, dz: Tensor) -> int:
+    """Columns of a narrower ``dz`` overlaid on ``o`` between its ``V`` columns and its row
+    stride, which the kernel zeroes (0 where ``dz`` is ``o``)."""
+    return dz.stride(0) - o.shape[1] if dz.element_size() < o.element_size() else 0
 
-        # Merge the splits: lse = M + log sum_s l_s e^{m_s - M}, S = sum_s t_s e^{m_s - M} / that sum.
-        mx = m.max(0).values
-        scale = torch.exp(m - mx)
-        lsum = (sum_exp * scale).sum(0)
-        lse = mx + torch.log(lsum)
-        s_exp = (t * scale).sum(0) / lsum
-        best = amax_v.argmax(0, keepdim=True)  # first split holding the max: first index overall
-        argmax = amax_i.gather(0, best).squeeze(0)
-        topk_vals = top.permute(1, 0, 2).reshape(n, -1).topk(topk, dim=1).values if topk else None
-        return RowStats(lse, zy.sum(0), s_exp, wsum.sum(0), argmax, topk_vals)
+
+def _launch(cfg: RowConfig) -> dict:
+    return dict(BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
+
+
+class TritonBackend(FusedTritonBackend):
+    """cuBLAS products and Triton row kernels for the single pass (module docstring); the
+    fused kernels for the statistics and their recompute backward. ``row_config`` overrides
+    :func:`sftkey.kernels.configs.row_config`."""
+
+    name = "triton"
+
+    def __init__(self, row_config: Optional[RowConfig] = None, **fused):
+        super().__init__(**fused)
+        self.row_config = row_config
 
     @or_torch
-    def backward(self, head: Head, stats: RowStats, grads: StatGrads, needs: Needs,
-                 filter_eps: Optional[float] = None):
-        rows, head = head, head.gathered()
+    def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, reads: Reads = Reads(),
+                    filter_eps: Optional[float] = None) -> SinglePassResult:
         _check(head)
-        x, w, b, y, c, cap = head.x, head.w, head.b, head.y, head.c, head.softcap
-        (n, d), v = x.shape, w.shape[0]
-        g_lse, g_zy, g_s, g_z = (None if g is None else g.float().contiguous() for g in grads)
-        f32 = dict(dtype=torch.float32, device=x.device)
-        dx = torch.zeros(n, d, **f32) if needs.dx else None
-        dw = torch.zeros(v, d, **f32) if needs.dw else None
-        db = torch.zeros(v, **f32) if needs.db and b is not None else None
-        cvec = c.float() if c is not None else None
+        x = head.x
+        ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x), budget=group_budget(head, needs))
+        out = _Gradients32(head, needs, ws)
+        cfg = self.row_config or row_config(x.device)
+        parts, loss = [], 0
+        for group in ws.groups(head.y.shape[0]):
+            xg = ws.hidden(head, group)
+            o = ws.out[: group.stop - group.start]
+            _products(xg, head.w, o)
+            stats = self._stats(head, group, o, reads, cfg)
+            part = block_loss(group, stats)
+            loss = loss + part.loss
+            if any(needs):
+                dz = o if o.dtype == x.dtype else o.view(x.dtype)[:, : o.shape[1]]
+                self._dz(head, group, o, dz, stats, part.grads, cfg)
+                out.add(group, dz, xg)
+            parts.append(stats)
+        return SinglePassResult(loss, RowStats.cat(parts), *out.result())
 
-        dense_gzy, dense_gz = cap is not None and g_zy is not None, cap is not None and g_z is not None
-        dense = g_lse is not None or g_s is not None or dense_gzy or dense_gz
-        if n and (dx is not None or dw is not None or db is not None) and dense:
-            cfg = self.backward_config or default_config("backward", x.dtype, x.device)
-            grid = (_cdiv(n, cfg.block_n) * _cdiv(v, cfg.block_v),)
-            lse = stats.lse.float().contiguous()
-            s_exp = stats.expected_logit.float().contiguous() if g_s is not None else lse
-            dummy = lse
-            backward_kernel[grid](
-                x, w, b if b is not None else x, y, cvec if cvec is not None else dummy,
-                lse, s_exp,
-                *(g if g is not None else dummy for g in (g_lse, g_zy, g_s, g_z)),
-                dx if dx is not None else dummy, dw if dw is not None else dummy,
-                db if db is not None else dummy,
-                n, v, d, float(cap or 1.0), float(filter_eps or 0.0),
-                HAS_BIAS=b is not None, HAS_C=c is not None, SOFTCAP=cap is not None,
-                HAS_GLSE=g_lse is not None, HAS_GS=g_s is not None,
-                DENSE_GZY=dense_gzy, DENSE_GZ=dense_gz,
-                NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-                FILTER=filter_eps is not None and not dense_gz, GROUP_N=cfg.group_n,
-                **_launch_args(x, cfg))
+    @staticmethod
+    def _stats(head: Head, group: slice, o: Tensor, reads: Reads, cfg: RowConfig) -> RowStats:
+        """The statistics of a group's logits ``o`` (``S``, ``Z``, argmax None where not read)."""
+        rows, dev = o.shape[0], o.device
+        lse, zy = (torch.empty(rows, dtype=torch.float32, device=dev) for _ in range(2))
+        S = torch.empty_like(lse) if reads.expected_logit else None
+        Z = torch.empty_like(lse) if reads.weighted_logit_sum else None
+        argmax = torch.empty(rows, dtype=torch.int64, device=dev) if reads.argmax else None
+        row_stats_kernel[(rows,)](
+            o, o.stride(0), head.b if head.b is not None else o, head.y[group],
+            head.c if head.c is not None else lse, lse, zy,
+            *(t if t is not None else lse for t in (S, Z, argmax)),
+            o.shape[1], float(head.softcap or 1.0),
+            HAS_S=S is not None, HAS_Z=Z is not None, ARGMAX=argmax is not None,
+            **_flags(head), **_launch(cfg))
+        return RowStats(lse, zy, S, Z, argmax)
 
-        if n and g_zy is not None and not dense_gzy:
-            # One-hot part: dz_{i, y_i} += g_zy_i (ignored rows, y = -1, contribute nothing).
-            valid = y >= 0
-            yc = torch.where(valid, y, 0)
-            g = torch.where(valid, g_zy, 0.0)
-            if dx is not None:
-                dx.addcmul_(g[:, None], w[yc])
-            if dw is not None:
-                dw.index_add_(0, yc, x * g[:, None])
-            if db is not None:
-                db.index_add_(0, yc, g)
-        if n and g_z is not None and not dense_gz:
-            # Rank-one part: dz_ij += g_Z_i c_j.
-            if dx is not None:
-                cw = _vecmat(cvec, w) if cvec is not None else w.sum(0, dtype=torch.float32)
-                dx.addr_(g_z, cw)
-            if dw is not None:
-                u = _vecmat(g_z, x)
-                if cvec is None:
-                    dw += u
-                else:
-                    dw.addr_(cvec, u)
-            if db is not None:
-                db.add_(g_z.sum() if cvec is None else cvec * g_z.sum())
-
-        return (rows.scattered(None if dx is None else dx.to(x.dtype)),
-                None if dw is None else dw.to(w.dtype),
-                None if db is None else db.to(b.dtype))
+    @staticmethod
+    def _dz(head: Head, group: slice, o: Tensor, dz: Tensor, stats: RowStats, grads: StatGrads,
+            cfg: RowConfig) -> None:
+        """``dz`` of a group from its logits ``o`` and upstream ``grads``, into ``dz``."""
+        g = [None if t is None else t.float().contiguous() for t in grads]
+        dummy = stats.lse
+        row_grads_kernel[(o.shape[0],)](
+            o, o.stride(0), dz, dz.stride(0), head.b if head.b is not None else o, head.y[group],
+            head.c if head.c is not None else dummy, stats.lse,
+            stats.expected_logit if stats.expected_logit is not None else dummy,
+            *(t if t is not None else dummy for t in g),
+            o.shape[1], _gap(o, dz), float(head.softcap or 1.0),
+            HAS_GLSE=g[0] is not None, HAS_GZY=g[1] is not None, HAS_GS=g[2] is not None,
+            HAS_GZ=g[3] is not None, **_flags(head), **_launch(cfg))

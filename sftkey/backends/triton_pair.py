@@ -1,5 +1,5 @@
 """The forward and reverse KL rows of the two-head pass in Triton (:mod:`sftkey.kernels.pair_rows`):
-:func:`rows` has the contract of :func:`sftkey.divergence.rows` for those two kinds, so the
+:func:`rows` has the contract of :func:`sftkey.core.divergence.rows` for those two kinds, so the
 two-head pass (:mod:`.pair`), its products (``torch.mm``) and its block functions stay the
 torch backend's; only the block math runs in the two row kernels."""
 from __future__ import annotations
@@ -9,14 +9,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sftkey.divergence import KL_KINDS, RowDivergence
+from sftkey.core.divergence import KL_KINDS, RowDivergence
 from sftkey.kernels.configs import row_config
 from sftkey.kernels.pair_rows import pair_grads_kernel, pair_stats_kernel
 
 
 def rows(z: Tensor, r: Tensor, kind: str, beta: float = 0.5, g: Optional[Tensor] = None,
          want_dz: bool = True, want_dr: bool = False) -> RowDivergence:
-    """:func:`sftkey.divergence.rows` for ``kind`` in :data:`sftkey.divergence.KL_KINDS`
+    """:func:`sftkey.core.divergence.rows` for ``kind`` in :data:`sftkey.core.divergence.KL_KINDS`
     (``beta`` unused): ``z``, ``r`` ``[n, V]`` float32 with unit column stride, ``g`` ``[n]``;
     ``dz`` and ``dr`` are written over them."""
     if kind not in KL_KINDS:

@@ -61,7 +61,7 @@ loss options, so ``Trainer(remove_unused_columns=True)`` keeps a ``token_weights
 TRL's ``add_fused_lm_head`` (which ``SFTTrainer`` applies) replaces the patched forward and
 computes the plain NLL itself. A patched model then refuses to run its backbone outside the
 patched forward, and refuses ``fused_lm_head=True``, each with a ``ValueError`` naming
-:class:`sftkey.trainer.FusedLossMixin`, with which ``SFTTrainer`` trains on sftkey's loss.
+:class:`sftkey.methods.trainer.FusedLossMixin`, with which ``SFTTrainer`` trains on sftkey's loss.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ _ATTR = "_sftkey_fused_loss"  # the model's handle; wrappers of the forward (acc
 _HEAD_ATTR = "_sftkey_fused_loss_head"  # the same handle, on the LM head
 _TRL_ADVICE = ("TRL's fused LM head (fused_lm_head=True) computes the plain NLL from its own log-probabilities, "
                "without sftkey's options and token weights. With TRL's SFTTrainer, put "
-               "sftkey.trainer.FusedLossMixin in front of it: class FusedSFTTrainer(FusedLossMixin, SFTTrainer)")
+               "sftkey.methods.trainer.FusedLossMixin in front of it: class FusedSFTTrainer(FusedLossMixin, SFTTrainer)")
 
 
 def use_fused_loss(model: nn.Module, reference_model: Optional[nn.Module] = None, **options) -> "FusedLossHandle":

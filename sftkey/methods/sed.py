@@ -28,9 +28,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .api import logit_stats
+from ..api import logit_stats
 from .keys import IGNORE_INDEX
-from .results import LogitStats
+from ..results import LogitStats
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ Cost is rollouts: ``len(ranks)`` continuations per tried position, a generate ca
 (batched, with the KV cache), plus one scoring forward and the greedy decode per example.
 
 Output: :class:`CriticalResult` per example; ``critical_mask`` is aligned with
-``input_ids = prompt_ids + response_ids`` like :mod:`sftkey.keys`' token weights (a weight
+``input_ids = prompt_ids + response_ids`` like :mod:`sftkey.methods.keys`' token weights (a weight
 per token, the loss shifts), and :meth:`CriticalResult.features` gives the
 ``input_ids``/``attention_mask``/``labels``/``token_weights`` that the collators and
 ``methods.cft(st, mask[..., 1:])`` take. A JSONL ``output`` makes the search resumable.
@@ -83,7 +83,7 @@ class CriticalResult:
 
     def features(self, rule: Optional[str] = None) -> Optional[dict[str, list]]:
         """``input_ids``, ``attention_mask``, ``labels`` (-100 off the critical tokens) and
-        ``token_weights`` (the mask), as :func:`sftkey.keys.encode_example` returns them;
+        ``token_weights`` (the mask), as :func:`sftkey.methods.keys.encode_example` returns them;
         None when the greedy response was wrong (CFT keeps only right ones)."""
         if not self.correct:
             return None
@@ -223,7 +223,7 @@ def find_critical_tokens(
     ``model``: a Hugging Face causal LM (``generate``); ``tokenizer``: its tokenizer (the
     prompt is encoded with its special tokens; ``pad_token_id`` or else ``eos_token_id``
     pads). ``checker(response_text, reference) -> bool``, default
-    :class:`~sftkey.answers.AnswerChecker` (``sftkey.keys`` patterns, numbers compared as
+    :class:`~sftkey.methods.answers.AnswerChecker` (``sftkey.methods.keys`` patterns, numbers compared as
     numbers). ``ranks``: the alternatives tried (2 = second most probable); ``rule``:
     ``"any"`` / ``"all"`` of them must fail. Position budget: only response positions
     ``>= start``, and at most ``positions`` of those per example, sampled with ``seed``

@@ -7,7 +7,7 @@ block function.
   ``"none"``, or token weights that need a gradient, the recompute path (a forward for
   ``D_i``, a backward that recomputes both heads' logits).
 * :func:`anchored_loss`: ``linear_cross_entropy(..., anchor=...)``: the cross-entropy loss of
-  :mod:`sftkey.loss` plus ``anchor_weight * a_i * D_i``, in one pass over both heads for a
+  :mod:`sftkey.core.loss` plus ``anchor_weight * a_i * D_i``, in one pass over both heads for a
   scalar reduction; ``"none"`` adds the two recompute paths' per-token losses.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import Tensor
 from . import divergence as div
 from . import passes
 from .autograd import outputs, scaled, stats_of
-from .backends.base import Head, Needs, RowStats
-from .backends.pair import Pair, PairBlock, pair_pass
+from ..backends.base import Head, Needs, RowStats
+from ..backends.pair import Pair, PairBlock, pair_pass
 from .inputs import Prepared, PreparedPair
 from .loss import TokenTerms, contributing, denominator, nonzero, reduce, token_losses
 
@@ -40,9 +40,9 @@ class Divergence:
 
     def rows(self, z: Tensor, r: Tensor, g: Optional[Tensor] = None, want_dz: bool = True,
              want_dr: bool = False) -> div.RowDivergence:
-        """:func:`sftkey.divergence.rows` of this divergence on a block, or its Triton rows."""
+        """:func:`sftkey.core.divergence.rows` of this divergence on a block, or its Triton rows."""
         if self.row_kernels:
-            from .backends.triton_pair import rows
+            from ..backends.triton_pair import rows
         else:
             rows = div.rows
         return rows(z, r, self.kind, self.beta, g, want_dz, want_dr)
@@ -57,11 +57,11 @@ def row_kernels(backend, x: Tensor, kind: str) -> bool:
     or ``"auto"`` on CUDA) on a device with its launch settings, ``kind`` is a KL (the options
     refuse ``"jsd"`` with ``"triton"``) and ``x`` float32, bfloat16 or float16 (float64 with
     ``backend="triton"`` raises a ``TypeError``; with ``"auto"`` it stays on torch)."""
-    from .backends import get_backend
+    from ..backends import get_backend
 
     if get_backend(backend, x.device).name != "triton" or kind not in div.KL_KINDS:
         return False
-    from .backends.triton import known_gpu  # triton imports only here (it may not be installed)
+    from ..backends.triton_fused import known_gpu  # triton imports only here (it may not be installed)
 
     if not known_gpu(x.device):
         return False
@@ -79,7 +79,7 @@ class DivergenceBlock:
     group and its gradients (``coef`` ``[N]``), or, with ``coef`` None, ``D_i`` per token
     and no gradient. ``softcap``: the policy's logits are soft-capped first (an anchor's)."""
 
-    #: ``z``, ``r``, the factor under a soft-cap, and :func:`sftkey.divergence.rows`'s (JSD: four)
+    #: ``z``, ``r``, the factor under a soft-cap, and :func:`sftkey.core.divergence.rows`'s (JSD: four)
     buffers: ClassVar[int] = 8
 
     d: Divergence
@@ -218,7 +218,7 @@ def divergence(pp: PreparedPair, d: Divergence, reduction: str, normalizer) -> T
 @dataclass(frozen=True)
 class AnchoredBlock:
     """The block function of the anchored cross-entropy: ``(sum_i l_i + sum_i coef_i D_i) /
-    scale`` over the group (``l_i`` :func:`sftkey.loss.token_losses` on the soft-capped
+    scale`` over the group (``l_i`` :func:`sftkey.core.loss.token_losses` on the soft-capped
     policy logits, ``D_i`` the divergence at temperature 1, ``coef`` ``[N]``), ``dz`` where
     ``with_grads``, and the statistics where ``with_stats``."""
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends.base import Backend, BlockLoss, Head, Needs, Reads, RowStats, StatGrads
+from ..backends.base import Backend, BlockLoss, Head, Needs, Reads, RowStats, StatGrads
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends.base import RowStats
+from ..backends.base import RowStats
 
 
 @dataclass(frozen=True)

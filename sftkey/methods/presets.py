@@ -10,11 +10,11 @@ backward through ``logit_stats`` is fused, so every preset trains without ``N x 
 With ``p_y = exp(st.target_logprob)`` and ``ce = -log p_y`` on non-ignored tokens:
 
 * ``sft``: ``ce`` (plain SFT);
-* ``sftkey``: ``a * ce``, ``a`` the :mod:`sftkey.keys` token weights (SFTKey stage 1 or 2);
+* ``sftkey``: ``a * ce``, ``a`` the :mod:`sftkey.methods.keys` token weights (SFTKey stage 1 or 2);
 * ``cft``: ``m * ce``, ``m`` in {0, 1} marking critical tokens (critical-token fine-tuning);
 * ``dft``: ``stopgrad(p_y) * ce`` (Dynamic Fine-Tuning, TRL's ``loss_type="dft"``);
 * ``sed_sft``: ``ce + lam * M * (p_y - 1/2)^2``, ``M = [top-k mass < threshold]`` (SED-SFT;
-  :func:`calibrate_sed_threshold` and :data:`SED_SFT_SETTINGS` give the threshold, :mod:`sftkey.sed`);
+  :func:`calibrate_sed_threshold` and :data:`SED_SFT_SETTINGS` give the threshold, :mod:`sftkey.methods.sed`);
 * ``entropy_bonus``: ``-beta * e * H`` (entropy regularization);
 * ``focal``: ``-(1 - p_y)^gamma * log p_y`` (focal loss).
 
@@ -34,14 +34,14 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .api import linear_cross_entropy, linear_divergence
-from .results import LogitStats
-from .loss import nonzero
-from .loss import reduce as reduce_losses
+from ..api import linear_cross_entropy, linear_divergence
+from ..results import LogitStats
+from ..core.loss import nonzero
+from ..core.loss import reduce as reduce_losses
 from .sed import SED_SFT_SETTINGS, SedSettings, calibrate_sed_threshold, top_mass
 
 __all__ = ["sft", "sftkey", "cft", "dft", "sed_sft", "entropy_bonus", "focal", "reduce", "asft", "distill",
-           "calibrate_sed_threshold", "top_mass", "SED_SFT_SETTINGS", "SedSettings"]
+           "calibrate_sed_threshold", "top_mass", "SED_SFT_SETTINGS", "SedSettings", "ASFT_KL_WEIGHT"]
 
 #: ASFT's ``kl_weight`` default in the authors' train.py (their README's example uses 0.05).
 ASFT_KL_WEIGHT = 0.1
@@ -67,7 +67,7 @@ def sft(st: LogitStats) -> Tensor:
 
 
 def sftkey(st: LogitStats, token_weights: Tensor) -> Tensor:
-    """SFTKey: ``a * ce`` with ``token_weights`` ``a`` from :func:`sftkey.keys.encode_example`
+    """SFTKey: ``a * ce`` with ``token_weights`` ``a`` from :func:`sftkey.methods.keys.encode_example`
     (stage 1: 1 on every response token; stage 2: 1 on key tokens, 0 elsewhere; or a blend)."""
     return sft(st) * _weights(st, token_weights, "token_weights")
 

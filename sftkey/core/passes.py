@@ -5,7 +5,7 @@ through which autograd Function.
   recomputes the logits (``logit_stats``, ``reduction="none"``, and losses whose weights
   need a gradient).
 * :func:`loss`: ``linear_cross_entropy``'s loss. A scalar reduction takes the single pass
-  over the tokens that have a loss only (:func:`sftkey.loss.contributing`; the others, such
+  over the tokens that have a loss only (:func:`sftkey.core.loss.contributing`; the others, such
   as SFT's ignored prompt tokens, cost no products); with ``return_stats`` the others get
   their statistics from a forward over their rows alone.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .autograd import Recompute, SinglePass, SinglePassFunction, StatsFunction, stats_of
-from .backends.base import Backend, BlockResult, Head, Reads, RowStats, StatGrads
+from ..backends.base import Backend, BlockResult, Head, Reads, RowStats, StatGrads
 from .inputs import Prepared
 from .loss import TokenTerms, contributing, denominator, reduce, token_losses
 

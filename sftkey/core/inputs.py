@@ -1,5 +1,5 @@
 """A call's inputs, checked once and flattened to ``N`` tokens: what the passes hand a backend
-(:class:`~sftkey.backends.base.Head`) and the loss (targets and :class:`~sftkey.loss.TokenTerms`).
+(:class:`~sftkey.backends.base.Head`) and the loss (targets and :class:`~sftkey.core.loss.TokenTerms`).
 
 ``shift`` (position ``t`` predicts ``targets[..., t + 1]``) and autocast (``hidden``, ``weight``
 and ``bias`` in the autocast dtype, as ``F.linear`` would use them) are applied here.
@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from . import validation
-from .backends.base import Head, accumulation_dtype
-from .backends.pair import Pair
+from ..backends.base import Head, accumulation_dtype
+from ..backends.pair import Pair
 from .loss import TokenTerms
-from .options import DivergenceOptions, HeadOptions, LossOptions
+from ..options import DivergenceOptions, HeadOptions, LossOptions
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def prepare(hidden, weight, targets, bias, options: HeadOptions, *, vocab_size: 
     ``vocab_size``: the vocabulary that ``targets`` and ``class_weights`` index, when
     ``weight`` holds only a shard of it (:mod:`sftkey.distributed`); default ``weight``'s rows.
     ``check_values`` False: leave out the checks of the targets' and weights' values (they
-    read them on the host; :mod:`sftkey.compiled` makes them inside its ops)."""
+    read them on the host; :mod:`sftkey.core.compiled` makes them inside its ops)."""
     autocast = isinstance(hidden, Tensor) and validation.autocast_enabled(hidden.device.type)
     validation.check_head(hidden, weight, targets, bias, autocast=autocast)
     V = weight.shape[0] if vocab_size is None else vocab_size

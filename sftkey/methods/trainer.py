@@ -5,13 +5,13 @@
 model is not patched yet), so no ``N x V`` logits are built. Like TRL's ``SFTTrainer``, it
 logs ``entropy`` (mean over trained tokens) and ``mean_token_accuracy`` (argmax equals the
 label), here from the loss's ``return_stats``. Batches may carry ``token_weights`` and
-``entropy_weights`` (:class:`sftkey.data.TokenWeightCollator` pads them); they reach the
+``entropy_weights`` (:class:`sftkey.methods.data.TokenWeightCollator` pads them); they reach the
 loss through ``model(...)``. ``args.label_smoothing_factor`` becomes the fused loss's
 ``label_smoothing``.
 
 SFTKey (stage 1 on every response token, then stage 2 on the key answer tokens with the
 chain of thought as context) is two :class:`Stage` s run by :meth:`SFTKeyTrainer.train_stages`
-on the same model, each with its own dataset (from :func:`sftkey.keys.build_features` with
+on the same model, each with its own dataset (from :func:`sftkey.methods.keys.build_features` with
 ``stage=1`` / ``stage=2``), epochs and learning rate, and a fresh optimizer state and
 schedule::
 
@@ -64,9 +64,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
-from .distributed import weight_total
-from .inputs import flat_targets
-from .integrations.transformers import fused_loss_handle, is_patched, use_fused_loss
+from ..distributed import weight_total
+from ..core.inputs import flat_targets
+from ..integrations.transformers import fused_loss_handle, is_patched, use_fused_loss
 
 __all__ = ["FusedLossMixin", "SFTKeyTrainer", "Stage"]
 
@@ -118,7 +118,7 @@ class FusedLossMixin:
             raise ValueError(
                 f"{', '.join(missing)}: the dataset's features have it but the batch does not, so the loss would "
                 "ignore it. Trainer's remove_unused_columns or the data collator dropped it: pass "
-                "remove_unused_columns=False and data_collator=sftkey.data.TokenWeightCollator(...)")
+                "remove_unused_columns=False and data_collator=sftkey.methods.data.TokenWeightCollator(...)")
         # Trainer's own compute_loss (not TRL's): the model's loss, num_items_in_batch passed on
         loss, outputs = Trainer.compute_loss(self, model, {**inputs, "return_stats": True}, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)

@@ -1,4 +1,4 @@
-"""Final-answer checking: extract a response's answer with :mod:`sftkey.keys`' patterns and
+"""Final-answer checking: extract a response's answer with :mod:`sftkey.methods.keys`' patterns and
 compare it with a reference, as numbers where both parse, else as normalized strings."""
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def answers_match(answer: str, reference: Reference) -> bool:
 
 class AnswerChecker:
     """``checker(response, reference) -> bool``: the response's key answer
-    (:func:`sftkey.keys.find_key_span` with ``patterns`` and ``occurrence``) matches
+    (:func:`sftkey.methods.keys.find_key_span` with ``patterns`` and ``occurrence``) matches
     ``reference`` by :func:`answers_match`; a response without an answer is wrong."""
 
     def __init__(self, patterns: Union[keys.KeyPattern, Sequence[keys.KeyPattern]] = keys.DEFAULT_PATTERNS,

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import BACKEND_NAMES, Backend
-from .backends.base import MAX_TOPK
+from ..backends import BACKEND_NAMES, Backend
+from ..backends.base import MAX_TOPK
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -121,7 +121,7 @@ def check_token_weights_sign(token_weights) -> None:
 
 def check_values(targets: Tensor, vocab_size: int, ignore_index: int, token_weights: Optional[Tensor]) -> None:
     """The checks that read the tensors' values on the host: the targets' range and the token
-    weights' sign (:mod:`sftkey.compiled` makes them inside its ops under ``torch.compile``)."""
+    weights' sign (:mod:`sftkey.core.compiled` makes them inside its ops under ``torch.compile``)."""
     check_targets_range(targets, vocab_size, ignore_index)
     check_token_weights_sign(token_weights)
 
@@ -133,7 +133,7 @@ def _ignore_index(value) -> None:
 
 def _reduction_and_normalizer(opts) -> None:
     """``reduction`` one of :data:`REDUCTIONS`; ``normalizer`` None or a number / one-element
-    tensor > 0 (a tensor's value is read on the host: inside sftkey.compiled's op under
+    tensor > 0 (a tensor's value is read on the host: inside sftkey.core.compiled's op under
     ``torch.compile``)."""
     if opts.reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")

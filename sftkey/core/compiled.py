@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 
 from . import passes, validation
-from .backends import get_backend
-from .backends.base import Head, Needs, RowStats, StatGrads
+from ..backends import get_backend
+from ..backends.base import Head, Needs, RowStats, StatGrads
 from .inputs import prepare
 from .loss import token_losses
-from .options import HeadOptions, LossOptions
-from .results import LogitStats, LossStats
+from ..options import HeadOptions, LossOptions
+from ..results import LogitStats, LossStats
 
 
 @contextmanager
