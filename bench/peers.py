@@ -75,10 +75,10 @@ def weighted_mean(ce, y, a, opts: Options, lse=None, entropy=None):
 def _sftkey(backend: str):
     def build(opts: Options, device: torch.device):
         import sftkey
-        from sftkey.backends import get_backend
+        from sftkey.core.driver import resolve_backend
 
         try:
-            get_backend(backend, device)
+            resolve_backend(backend, device, torch.float32)  # (the dtype matters to "auto" alone)
         except (ImportError, ValueError) as e:
             raise Skip(f"backend {backend!r} unavailable: {e}") from None
 

@@ -13,11 +13,19 @@ rows of ``dX``, ``dz^T X_rows`` into the tile's rows of ``dW`` and the column su
 into ``db``, ``BLOCK_D`` columns at a time, with float32 atomics (every tile of a row
 contributes to its ``dX`` row, every row block to a ``dW`` row). With ``FILTER``, a tile whose
 ``p`` are all below ``filter_eps`` (and holds no dense one-hot term) is skipped.
+
+:func:`backward` launches it and adds the one-hot and rank-one parts on the host.
 """
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-from .forward import logits_tile
+from .configs import KernelConfig, tile_args
+from .logits import logits_tile
+
+_CHUNK_ROWS = 8192  # rows per host-side vector-matrix product (converted to float32 at a time)
 
 
 @triton.jit
@@ -103,3 +111,64 @@ def backward_kernel(x, w, b, y, c, lse, s_exp, g_lse, g_zy, g_s, g_z, dx, dw, db
                 part = tl.dot(tl.trans(dz_in), xt, input_precision=DOT_PREC)
                 tl.atomic_add(dw_cols[:, None] + dk[None, :], part,
                               mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+
+
+def _vecmat(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``v @ m`` in float32 (``v`` [R] float32, ``m`` [R, D]), converting ``_CHUNK_ROWS`` rows at a time."""
+    out = torch.zeros(m.shape[1], dtype=torch.float32, device=m.device)
+    for s in range(0, m.shape[0], _CHUNK_ROWS):
+        out += v[s:s + _CHUNK_ROWS] @ m[s:s + _CHUNK_ROWS].float()
+    return out
+
+
+def backward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor, c: Optional[torch.Tensor],
+             softcap: Optional[float], lse: torch.Tensor, s_exp: Optional[torch.Tensor], grads: tuple,
+             needs: tuple, filter_eps: Optional[float], cfg: KernelConfig) -> tuple:
+    """``(dX, dW, db)`` in float32 (None where ``needs`` says no) for the upstream ``grads``
+    ``(g_lse, g_zy, g_S, g_Z)`` (each float32 ``[N]`` or None) of the rows of ``x`` ``[N, D]``
+    (as :func:`sftkey.kernels.forward.forward`'s inputs; ``lse`` and, with ``g_S``, ``S`` of the
+    full rows). The kernel forms the dense part of ``dz``; without a soft-cap the one-hot
+    part ``g_zy [j = y]`` is a gather/scatter here and the ``g_Z c_j`` part a rank-one product."""
+    (n, d), v = x.shape, w.shape[0]
+    grads = tuple(None if g is None else g.float().contiguous() for g in grads)
+    g_lse, g_zy, g_s, g_z = grads
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx = torch.zeros(n, d, **f32) if needs[0] else None
+    dw = torch.zeros(v, d, **f32) if needs[1] else None
+    db = torch.zeros(v, **f32) if needs[2] and b is not None else None
+    cvec = c.float() if c is not None else None
+    dense_gzy, dense_gz = softcap is not None and g_zy is not None, softcap is not None and g_z is not None
+    dense = g_lse is not None or g_s is not None or dense_gzy or dense_gz
+    if n and (dx is not None or dw is not None or db is not None) and dense:
+        dummy = lse = lse.float().contiguous()
+        s_exp = s_exp.float().contiguous() if g_s is not None else lse
+        backward_kernel[(triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)](
+            x, w, b if b is not None else x, y, cvec if cvec is not None else dummy, lse, s_exp,
+            *(g if g is not None else dummy for g in grads),
+            dx if dx is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+            n, v, d, float(softcap or 1.0), float(filter_eps or 0.0),
+            HAS_BIAS=b is not None, HAS_C=c is not None, SOFTCAP=softcap is not None,
+            HAS_GLSE=g_lse is not None, HAS_GS=g_s is not None, DENSE_GZY=dense_gzy, DENSE_GZ=dense_gz,
+            NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
+            FILTER=filter_eps is not None and not dense_gz, GROUP_N=cfg.group_n, **tile_args(x, cfg))
+    if n and g_zy is not None and not dense_gzy:  # dz_{i, y_i} += g_zy_i (no target, y = -1: nothing)
+        valid = y >= 0
+        yc, g = torch.where(valid, y, 0), torch.where(valid, g_zy, 0.0)
+        if dx is not None:
+            dx.addcmul_(g[:, None], w[yc])
+        if dw is not None:
+            dw.index_add_(0, yc, x * g[:, None])
+        if db is not None:
+            db.index_add_(0, yc, g)
+    if n and g_z is not None and not dense_gz:  # dz_ij += g_Z_i c_j
+        if dx is not None:
+            dx.addr_(g_z, _vecmat(cvec, w) if cvec is not None else w.sum(0, dtype=torch.float32))
+        if dw is not None:
+            u = _vecmat(g_z, x)
+            if cvec is None:
+                dw += u
+            else:
+                dw.addr_(cvec, u)
+        if db is not None:
+            db.add_(g_z.sum() if cvec is None else cvec * g_z.sum())
+    return dx, dw, db

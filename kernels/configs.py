@@ -117,3 +117,20 @@ def default_config(kind: str, dtype: torch.dtype, device: torch.device) -> Kerne
 def row_config(device: torch.device) -> RowConfig:
     """The row kernels' launch settings on ``device`` (as :func:`default_config`)."""
     return INTERPRETER_ROWS if INTERPRETED else generation(device).rows
+
+
+def known_gpu(device: torch.device) -> bool:
+    """Whether the kernels have launch settings on ``device``: a CUDA device of a generation in
+    :data:`GENERATIONS` (checked by :mod:`.check`), or the CPU under the interpreter."""
+    return generation(device) is not None if device.type == "cuda" else INTERPRETED
+
+
+def tile_args(x: torch.Tensor, cfg: KernelConfig) -> dict:
+    """The tile kernels' block shapes and launch options for inputs like ``x``: ``UPCAST`` bf16
+    operand slices to fp32 under the interpreter (its bf16 ``tl.dot`` is wrong); float32
+    products in TF32 only where torch's own CUDA matmul would use it
+    (``torch.set_float32_matmul_precision("high")``), else exact ("ieee")."""
+    exact = x.dtype == torch.float32 and (not x.is_cuda or torch.get_float32_matmul_precision() == "highest")
+    return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                UPCAST=INTERPRETED and x.dtype == torch.bfloat16, DOT_PREC="ieee" if exact else "tf32",
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -10,44 +10,16 @@ It writes these ``O(BLOCK_N)`` partials for its split; the host merges the split
 (``lse = m + log sum_exp``, ``S = t / sum_exp``), so several programs can share a row block's vocabulary
 when there are few row blocks.
 
-``logits_tile`` and ``softcap_tanh`` are shared with the backward kernel.
+:func:`forward` launches it and merges the splits.
 """
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def softcap_tanh(z, cap):
-    """``cap * tanh(z / cap)`` through ``exp`` (``tl.math.tanh`` differs across Triton versions)."""
-    e = tl.exp(-2.0 * tl.abs(z) / cap)
-    th = (1.0 - e) / (1.0 + e)
-    return cap * tl.where(z < 0, -th, th)
-
-
-@triton.jit
-def logits_tile(x_rows, row_mask, w, cols, col_mask, b, D, softcap,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    """The fp32 ``[BLOCK_N, BLOCK_V]`` logits of rows ``x_rows`` (row pointers) and vocab ``cols``.
-
-    Masked rows and columns come out as 0 (before the soft-cap, which keeps 0)."""
-    w_cols = w + cols.to(tl.int64) * D
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dk = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dk < D
-        xt = tl.load(x_rows[:, None] + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        wt = tl.load(w_cols[None, :] + dk[:, None], mask=col_mask[None, :] & d_mask[:, None], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc=acc, input_precision=DOT_PREC)
-    if HAS_BIAS:
-        acc += tl.load(b + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if SOFTCAP:
-        acc = softcap_tanh(acc, softcap)
-    return acc
+from .configs import KernelConfig, tile_args
+from .logits import logits_tile
 
 
 @triton.jit
@@ -138,3 +110,51 @@ def forward_kernel(x, w, b, y, c,
     if TOPK > 0:
         tl.store(topk_out + out[:, None] * TOPK + kk[None, :], run,
                  mask=row_mask[:, None] & (kk[None, :] < TOPK))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor, c: Optional[torch.Tensor],
+            softcap: Optional[float], topk: int, cfg: KernelConfig, vocab_splits: Optional[int] = None) -> tuple:
+    """Every statistic of the rows of ``x`` ``[N, D]`` (contiguous; ``w`` ``[V, D]``, ``b`` ``[V]``
+    in its dtype, ``y`` ``[N]`` int64 with -1 for no target, ``c`` ``[V]`` or None): ``(lse,
+    zy, S, Z, argmax, top)``, float32 (argmax int64, ``top`` ``[N, topk]`` or None).
+
+    Programs: ``ceil(N / BLOCK_N)`` row blocks times the vocabulary splits, enough splits for
+    ``cfg.occupancy`` programs per SM on CUDA (``vocab_splits`` fixes them); the splits' partial
+    statistics merge here: ``lse = M + log sum_s l_s e^{m_s - M}``, ``S = sum_s t_s e^{m_s - M}``
+    over that sum, the argmax from the first split holding the maximum."""
+    (n, d), v = x.shape, w.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if n == 0:
+        empty = torch.empty(0, **f32)
+        return (empty, empty, empty, empty, torch.empty(0, dtype=torch.int64, device=x.device),
+                torch.empty(0, topk, **f32) if topk else None)
+    num_n, num_tiles = _cdiv(n, cfg.block_n), _cdiv(v, cfg.block_v)
+    if vocab_splits is None:
+        occupied = x.is_cuda and cfg.occupancy
+        vocab_splits = _cdiv(torch.cuda.get_device_properties(x.device).multi_processor_count * cfg.occupancy,
+                             num_n) if occupied else 1
+    tiles_per_split = _cdiv(num_tiles, max(1, min(vocab_splits, num_tiles)))
+    splits = _cdiv(num_tiles, tiles_per_split)
+
+    m, sum_exp, t, zy, wsum, amax_v = (torch.empty(splits, n, **f32) for _ in range(6))
+    amax_i = torch.empty(splits, n, dtype=torch.int64, device=x.device)
+    top = torch.empty(splits, n, topk, **f32) if topk else m
+    cvec = c.float() if c is not None else None
+    forward_kernel[(num_n * splits,)](
+        x, w, b if b is not None else x, y, cvec if cvec is not None else m,
+        m, sum_exp, t, zy, wsum, amax_v, amax_i, top,
+        n, v, d, tiles_per_split, float(softcap or 1.0),
+        HAS_BIAS=b is not None, HAS_C=c is not None, SOFTCAP=softcap is not None,
+        TOPK=topk, K_PAD=triton.next_power_of_2(max(topk, 1)), **tile_args(x, cfg))
+
+    mx = m.max(0).values
+    scale = torch.exp(m - mx)
+    lsum = (sum_exp * scale).sum(0)
+    best = amax_v.argmax(0, keepdim=True)  # the first split holding the max: the first index overall
+    top_values = top.permute(1, 0, 2).reshape(n, -1).topk(topk, dim=1).values if topk else None
+    return (mx + torch.log(lsum), zy.sum(0), (t * scale).sum(0) / lsum, wsum.sum(0),
+            amax_i.gather(0, best).squeeze(0), top_values)

@@ -18,9 +18,16 @@ walks its ``V`` columns in ``BLOCK_V``-wide chunks, elementwise and reductions o
   ``lse_a``, ``lse_o`` and ``D = t / sum_a - lse_a + lse_o``.
 * :func:`pair_grads_kernel` reads both rows again and writes ``d_a`` over ``a`` (``WANT_A``)
   and ``d_o`` over ``o`` (``WANT_O``): each element is read and written by the same thread.
+
+:func:`kl_rows` launches both.
 """
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
+
+from .configs import RowConfig
 
 
 @triton.jit
@@ -83,3 +90,27 @@ def pair_grads_kernel(a, stride_a, o, stride_o, lse_a, lse_o, d, g, V,
         if WANT_O:
             do = g_r * (tl.exp(log_po) - pa)
             tl.store(o_row + cols, do.to(o.dtype.element_ty), mask=col_mask)
+
+
+#: The kinds these kernels compute (of :data:`sftkey.core.divergence.KINDS`).
+KL_KINDS = ("forward_kl", "reverse_kl")
+
+
+def kl_rows(z: torch.Tensor, r: torch.Tensor, kind: str, g: Optional[torch.Tensor], want_dz: bool, want_dr: bool,
+            cfg: RowConfig) -> tuple:
+    """``(D, dz, dr)`` of the policy rows ``z`` and reference rows ``r`` (``[n, V]`` float32, unit
+    column stride, temperature applied) for ``kind`` in :data:`KL_KINDS`: ``D`` ``[n]`` float32,
+    and where ``g`` ``[n]`` is given, ``g_i dD_i/dz`` written over ``z`` (``want_dz``) and
+    ``g_i dD_i/dr`` over ``r`` (``want_dr``), else None."""
+    forward = kind == "forward_kl"
+    a, o = (r, z) if forward else (z, r)  # the weighting head first
+    n, V = z.shape
+    lse_a, lse_o, value = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    launch = dict(BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
+    pair_stats_kernel[(n,)](a, a.stride(0), o, o.stride(0), lse_a, lse_o, value, V, **launch)
+    want_dz, want_dr = want_dz and g is not None, want_dr and g is not None
+    if want_dz or want_dr:
+        want_a, want_o = (want_dr, want_dz) if forward else (want_dz, want_dr)
+        pair_grads_kernel[(n,)](a, a.stride(0), o, o.stride(0), lse_a, lse_o, value, g.to(torch.float32).contiguous(),
+                                V, WANT_A=want_a, WANT_O=want_o, **launch)
+    return value, z if want_dz else None, r if want_dr else None

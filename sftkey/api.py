@@ -1,6 +1,7 @@
 """The public functions: :func:`linear_cross_entropy`, :class:`LinearCrossEntropyLoss`,
-:func:`logit_stats` and :func:`linear_divergence`. Each builds its options (:mod:`sftkey.options`), prepares its inputs
-(:mod:`sftkey.core.inputs`) and hands them to the passes (:mod:`sftkey.core.passes`) on a backend."""
+:func:`logit_stats` and :func:`linear_divergence`. Each builds its options (:mod:`sftkey.options`),
+prepares its inputs (:mod:`sftkey.core.inputs`) and hands them to the driver
+(:mod:`sftkey.core.driver`) with the call's backend, or to the oracle (:mod:`sftkey.reference`)."""
 from __future__ import annotations
 
 from dataclasses import fields, replace
@@ -10,13 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from .backends import get_backend
-from .core import compiled, pair_passes, passes, validation
-from .core.inputs import pair_head, prepare, prepare_pair
+from .core import compiled, driver
+from .core.inputs import check_topk, prepare
 from .options import DivergenceOptions, HeadOptions, LossOptions, with_options
 from .results import LogitStats, LossStats
-
-_REFERENCE_IGNORES = ("backend", "filter_eps")
 
 
 @with_options(LossOptions, after="bias")
@@ -39,14 +37,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     pass over the policy logits for ``"mean"``/``"sum"``.
     """
     opts = LossOptions.build(options, kwargs, "linear_cross_entropy")
-    if opts.anchor is not None:
-        return _anchored(hidden, weight, targets, bias, opts)
-    if torch.compiler.is_compiling() and opts.backend != "reference":
+    compiling = torch.compiler.is_compiling()
+    if compiling and opts.anchor is not None:
+        raise NotImplementedError("linear_cross_entropy(anchor=...) is not traced by torch.compile yet: call it "
+                                  "outside the compiled region (or compile the model body only)")
+    if compiling and opts.backend != "reference":
         return compiled.linear_cross_entropy(hidden, weight, targets, bias, opts)
-    p = prepare(hidden, weight, targets, bias, opts, check_values=not torch.compiler.is_compiling())
+    ref = None if opts.anchor is None else _frozen((*opts.anchor, None)[:3])
+    p = prepare(hidden, weight, targets, bias, opts, ref=ref, check_values=not compiling)
     if opts.backend == "reference":
-        return reference.linear_cross_entropy(hidden, weight, targets, bias=bias, **_reference_kwargs(opts))
-    loss, stats = passes.loss(p, get_backend(opts.backend, p.head.x.device))
+        return reference.linear_cross_entropy(hidden, weight, targets, bias=bias, **_fields(opts))
+    loss, stats = driver.loss(p, driver.resolve_backend(opts.backend, p.head.x.device, p.head.x.dtype))
     if opts.reduction == "none":
         loss = loss.reshape(p.shape)
     return (loss, LossStats.of(stats, p.y, p.shape)) if opts.return_stats else loss
@@ -63,36 +64,15 @@ def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Option
     if torch.compiler.is_compiling() and opts.backend != "reference":
         return compiled.logit_stats(hidden, weight, targets, bias, opts, topk)
     p = prepare(hidden, weight, targets, bias, opts, check_values=not torch.compiler.is_compiling())
-    validation.check_topk(topk, p.terms.vocab_size)
+    check_topk(topk, p.terms.vocab_size)
     if opts.backend == "reference":
-        return reference.logit_stats(hidden, weight, targets, bias=bias, topk=topk, **_reference_kwargs(opts))
+        return reference.logit_stats(hidden, weight, targets, bias=bias, topk=topk, **_fields(opts))
     with p.autocast_off():
-        stats = passes.statistics(p, get_backend(opts.backend, p.head.x.device), topk)
+        stats = driver.statistics(p, driver.resolve_backend(opts.backend, p.head.x.device, p.head.x.dtype), topk)
     return LogitStats.of(stats, p.y, p.shape)
 
 
-def _anchored(hidden, weight, targets, bias, opts: LossOptions):
-    """``linear_cross_entropy`` with an anchor (:func:`sftkey.core.pair_passes.anchored_loss`)."""
-    if torch.compiler.is_compiling():
-        raise NotImplementedError("linear_cross_entropy(anchor=...) is not traced by torch.compile yet: call it "
-                                  "outside the compiled region (or compile the model body only)")
-    ref_hidden, ref_weight, *rest = opts.anchor
-    ref_bias = rest[0] if rest else None
-    if isinstance(hidden, Tensor) and isinstance(weight, Tensor):
-        validation.check_pair(hidden, weight, ref_hidden, ref_weight, ref_bias)
-    p = prepare(hidden, weight, targets, bias, opts)
-    if opts.backend == "reference":
-        return reference.linear_cross_entropy(hidden, weight, targets, bias=bias, **_reference_kwargs(opts))
-    ref = pair_head(ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), p.y)
-    kernels = pair_passes.row_kernels(opts.backend, p.head.x, opts.anchor_kind)
-    d = pair_passes.Divergence(opts.anchor_kind, opts.anchor_beta, row_kernels=kernels)
-    loss, stats = pair_passes.anchored_loss(p, ref, d, opts.anchor_weight, get_backend(opts.backend, p.head.x.device))
-    if opts.reduction == "none":
-        loss = loss.reshape(p.shape)
-    return (loss, LossStats.of(stats, p.y, p.shape)) if opts.return_stats else loss
-
-
-@with_options(DivergenceOptions, after="targets")
+@with_options(DivergenceOptions, after="ref_bias")
 def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
                       targets: Optional[Tensor] = None, *, bias: Optional[Tensor] = None,
                       ref_bias: Optional[Tensor] = None, options: Optional[DivergenceOptions] = None, **kwargs):
@@ -103,27 +83,25 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_we
     ``hidden [..., D]``, ``weight [V, D]``, ``ref_hidden [..., D_ref]``, ``ref_weight [V,
     D_ref]`` (one float dtype, or any under autocast; the same vocabulary ``V``), ``targets``
     ``[...]`` int64/int32 or None: only which tokens count (``ignore_index``), not the loss.
-    The options (:class:`~sftkey.options.DivergenceOptions`: ``kind``, ``beta``,
-    ``temperature``, ``token_weights``, ``ignore_index``, ``shift``, ``reduction``,
-    ``normalizer``, ``ref_grad``, ``backend``) are keyword arguments or ``options=``.
-    Returns a float32 loss (float64 for float64 inputs): a scalar, or per token for
-    ``reduction="none"``. The reference gets no gradient unless ``ref_grad=True``."""
+    The options (:class:`~sftkey.options.DivergenceOptions`) are keyword arguments or
+    ``options=``. Returns a float32 loss (float64 for float64 inputs): a scalar, or per token
+    for ``reduction="none"``. The reference gets no gradient unless ``ref_grad=True``."""
     opts = DivergenceOptions.build(options, kwargs, "linear_divergence")
-    if not opts.ref_grad:
-        ref_hidden, ref_weight, ref_bias = (t.detach() if isinstance(t, Tensor) else t
-                                            for t in (ref_hidden, ref_weight, ref_bias))
-    pp = prepare_pair(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, opts)
+    ref = (ref_hidden, ref_weight, ref_bias) if opts.ref_grad else _frozen((ref_hidden, ref_weight, ref_bias))
+    p = prepare(hidden, weight, targets, bias, opts, ref=ref)
     if opts.backend == "reference":
-        return reference.linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, bias=bias,
-                                           ref_bias=ref_bias, **{f.name: getattr(opts, f.name) for f in fields(opts)})
-    kernels = pair_passes.row_kernels(opts.backend, pp.pair.policy.x, opts.kind)
-    d = pair_passes.Divergence(opts.kind, float(opts.beta), float(opts.temperature), kernels)
-    with pp.autocast_off():
-        return pair_passes.divergence(pp, d, opts.reduction, opts.normalizer)
+        return reference.linear_divergence(hidden, weight, *ref[:2], targets, bias=bias, ref_bias=ref[2],
+                                           **_fields(opts))
+    return driver.divergence(p, driver.resolve_backend(opts.backend, p.head.x.device, p.head.x.dtype))
 
 
-def _reference_kwargs(opts: HeadOptions) -> dict:
-    return {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in _REFERENCE_IGNORES}
+def _frozen(tensors: tuple) -> tuple:
+    """A reference head's tensors without gradient (anything else as it is, for the checks)."""
+    return tuple(t.detach() if isinstance(t, Tensor) else t for t in tensors)
+
+
+def _fields(opts) -> dict:
+    return {f.name: getattr(opts, f.name) for f in fields(opts)}
 
 
 class LinearCrossEntropyLoss(nn.Module):

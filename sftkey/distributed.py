@@ -31,9 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .core import passes
-from .backends import get_backend
-from .backends.base import Backend, Head, Needs, RowStats, StatGrads, accumulation_dtype
+from .backends.engine import Backend, Head, Needs, RowStats, StatGrads, accumulation_dtype
+from .core import driver
 from .core.inputs import flat_targets, flat_weights, prepare
 from .core.loss import TokenTerms, nonzero, weight_sum
 from .options import LossOptions, with_options
@@ -124,7 +123,8 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, ta
     y_local = torch.where((p.y >= start) & (p.y < start + size), p.y - start, -1)
     c_local = None if p.head.c is None else p.head.c[start:start + size]
     p = replace(p, head=replace(p.head, y=y_local, c=c_local))
-    loss, stats = passes.loss(p, VocabShardBackend(get_backend(opts.backend, p.head.x.device), start, group))
+    inner = driver.resolve_backend(opts.backend, p.head.x.device, p.head.x.dtype)
+    loss, stats = driver.loss(p, VocabShardBackend(inner, start, group))
     if opts.reduction == "none":
         loss = loss.reshape(p.shape)
     return (loss, LossStats.of(stats, p.y, p.shape)) if opts.return_stats else loss

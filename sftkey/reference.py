@@ -3,12 +3,14 @@ float32 (float64 for float64 inputs). It shares nothing with the code it checks 
 result types: its own shift, flattening, weighting and reduction, ``torch.log_softmax`` for
 the probabilities. Same signatures as :func:`sftkey.linear_cross_entropy`,
 :func:`sftkey.logit_stats` and :func:`sftkey.linear_divergence`; memory is ``O(N V)``, so use it on small shapes. It does not
-validate its arguments (the public functions do, before they call it)."""
+validate its arguments (the public functions do, before they call it); its options are
+:mod:`sftkey.options`' classes, read for their names and defaults alone."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .options import DivergenceOptions, HeadOptions, LossOptions, with_options
 from .results import LogitStats, LossStats
 
 
@@ -33,23 +35,22 @@ def _logits(hidden, weight, bias, softcap):
     return z
 
 
-def linear_cross_entropy(hidden, weight, targets, *, bias=None, token_weights=None, entropy_weights=None,
-                         class_weights=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                         dft=False, reduction="mean", normalizer=None, shift=False, return_stats=False,
-                         anchor=None, anchor_weight=1.0, anchor_kind="forward_kl", anchor_beta=0.5,
-                         backend="reference", filter_eps=None):
+@with_options(LossOptions, after="bias")
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, **options):
     """Materializing :func:`sftkey.linear_cross_entropy` (``backend`` and ``filter_eps`` are ignored)."""
+    o = LossOptions(**options)
+    token_weights, entropy_weights, ignore_index = o.token_weights, o.entropy_weights, o.ignore_index
     z_anchor = None
-    if anchor is not None:
-        z_anchor = _logits(anchor[0].detach(), anchor[1].detach(), None if len(anchor) < 3 else anchor[2].detach(),
-                           None)
-    if shift:
+    if o.anchor is not None:
+        ref_hidden, ref_weight, *ref_bias = (t.detach() for t in o.anchor)
+        z_anchor = _logits(ref_hidden, ref_weight, ref_bias[0] if ref_bias else None, None)
+    if o.shift:
         targets = _shifted(targets, ignore_index)
         token_weights = None if token_weights is None else _shifted(token_weights, 0)
         if isinstance(entropy_weights, Tensor) and entropy_weights.dim():
             entropy_weights = _shifted(entropy_weights, 0)
     shape = targets.shape
-    z = _logits(hidden, weight, bias, softcap)
+    z = _logits(hidden, weight, bias, o.softcap)
     dtype = z.dtype
 
     def per_token(t):
@@ -59,35 +60,35 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, token_weights=No
     valid = y != ignore_index
     yc = torch.where(valid, y, 0).long()
     V = z.shape[-1]
-    w = torch.ones(V, dtype=dtype, device=z.device) if class_weights is None else class_weights.to(dtype)
+    c = torch.ones(V, dtype=dtype, device=z.device) if o.class_weights is None else o.class_weights.to(dtype)
     a = torch.ones_like(z[:, 0]) if token_weights is None else per_token(token_weights)
     logp = torch.log_softmax(z, dim=-1)
     prob = logp.exp()
     logp_y = logp.gather(1, yc[:, None]).squeeze(1)
-    ce = (1 - label_smoothing) * -logp_y * w[yc] + label_smoothing * -(logp * w).sum(-1) / V
+    ce = (1 - o.label_smoothing) * -logp_y * c[yc] + o.label_smoothing * -(logp * c).sum(-1) / V
     ce = ce * a
-    if dft:
+    if o.dft:
         ce = ce * logp_y.exp().detach()
     lse = torch.logsumexp(z, dim=-1)
     entropy = torch.special.entr(prob).sum(-1)
-    loss = ce + z_loss * lse ** 2
+    loss = ce + o.z_loss * lse ** 2
     if z_anchor is not None:
-        loss = loss + anchor_weight * a * _divergence(z, z_anchor, anchor_kind, anchor_beta)
+        loss = loss + o.anchor_weight * a * _divergence(z, z_anchor, o.anchor_kind, o.anchor_beta)
     if entropy_weights is not None:
         loss = loss - per_token(entropy_weights) * entropy
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if reduction == "none":
+    if o.reduction == "none":
         out = loss.reshape(shape)
-    elif reduction == "sum":
+    elif o.reduction == "sum":
         out = loss.sum()
     else:
-        if normalizer is None:
-            denom = (a * w[yc] * valid).sum()
+        if o.normalizer is None:
+            denom = (a * c[yc] * valid).sum()
             denom = torch.where(denom == 0, torch.ones_like(denom), denom)
         else:
-            denom = torch.as_tensor(normalizer, dtype=dtype, device=z.device).reshape(())
+            denom = torch.as_tensor(o.normalizer, dtype=dtype, device=z.device).reshape(())
         out = loss.sum() / denom
-    if not return_stats:
+    if not o.return_stats:
         return out
     logp_y = torch.where(valid, logp_y, torch.zeros_like(logp_y)).detach()
     predicted = z.argmax(-1)
@@ -95,9 +96,11 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, token_weights=No
     return out, LossStats(*(t.reshape(shape) for t in (lse.detach(), entropy.detach(), logp_y, correct, predicted)))
 
 
-def logit_stats(hidden, weight, targets, *, bias=None, class_weights=None, softcap=None, ignore_index=-100,
-                topk=0, backend="reference", filter_eps=None) -> LogitStats:
+@with_options(HeadOptions, after="bias")
+def logit_stats(hidden, weight, targets, *, bias=None, topk=0, **options) -> LogitStats:
     """Materializing :func:`sftkey.logit_stats` (``backend`` and ``filter_eps`` are ignored)."""
+    o = HeadOptions(**options)
+    class_weights, softcap, ignore_index = o.class_weights, o.softcap, o.ignore_index
     shape = targets.shape
     z = _logits(hidden, weight, bias, softcap)
     y = targets.reshape(-1)
@@ -122,11 +125,14 @@ def _divergence(z, r, kind, beta):
             + (1 - beta) * (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1))
 
 
-def linear_divergence(hidden, weight, ref_hidden, ref_weight, targets=None, *, bias=None, ref_bias=None,
-                      kind="forward_kl", beta=0.5, temperature=1.0, token_weights=None, ignore_index=-100,
-                      shift=False, reduction="mean", normalizer=None, ref_grad=False, backend="reference"):
+@with_options(DivergenceOptions, after="ref_bias")
+def linear_divergence(hidden, weight, ref_hidden, ref_weight, targets=None, *, bias=None, ref_bias=None, **options):
     """Materializing :func:`sftkey.linear_divergence` (``backend`` is ignored)."""
-    if not ref_grad:
+    o = DivergenceOptions(**options)
+    token_weights, ignore_index, shift, reduction, normalizer = (o.token_weights, o.ignore_index, o.shift,
+                                                                 o.reduction, o.normalizer)
+    kind, beta, temperature = o.kind, o.beta, o.temperature
+    if not o.ref_grad:
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         ref_bias = None if ref_bias is None else ref_bias.detach()
     if targets is None:

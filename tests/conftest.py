@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 # the examples' modules (examples/program_lm.py: a model computed by a program) for the tests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from sftkey.backends import triton_usable  # noqa: E402
+from sftkey.core.driver import triton_usable  # noqa: E402
 from sftkey.testing import TOLERANCE, assert_close, rel_err  # noqa: E402,F401  (the tests import them from here)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 import sftkey
-from sftkey import backends, config
+from sftkey import config
+from sftkey.core.driver import resolve_backend, triton_usable
 from sftkey.backends.torch import TorchBackend
 
 from conftest import DEVICE, TOLERANCE, assert_close
@@ -90,7 +91,7 @@ class _Spy:
     def __init__(self, monkeypatch, backend):
         self.calls = {"single_pass": 0, "backward": 0}
         self.rows, self.needs = [], []
-        cls = type(backends.get_backend(backend, DEVICE))
+        cls = type(resolve_backend(backend, DEVICE, torch.float32))
         for name in self.calls:
             original = getattr(cls, name)
 
@@ -672,11 +673,11 @@ def test_normalizer_one_element_tensor_gives_scalar_loss(path, backend_name):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="auto picks triton on CUDA")
 def test_auto_backend_is_torch_on_cpu(monkeypatch):
-    assert isinstance(backends.get_backend("auto", torch.device("cpu")), TorchBackend)
+    assert isinstance(resolve_backend("auto", torch.device("cpu"), torch.float32), TorchBackend)
     h, w, b, y, g = _head(160)
     spy = _Spy(monkeypatch, "torch")
-    if backends.triton_usable(DEVICE):  # the interpreter makes triton usable on CPU: auto must not pick it
-        triton_cls = type(backends.get_backend("triton", DEVICE))
+    if triton_usable(DEVICE):  # the interpreter makes triton usable on CPU: auto must not pick it
+        triton_cls = type(resolve_backend("triton", DEVICE, torch.float32))
 
         def refuse(*args, **kwargs):
             raise AssertionError("backend='auto' ran triton on CPU")

@@ -9,9 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import importlib  # noqa: E402
+
 import sftkey  # noqa: E402
-from sftkey.core import pair_passes  # noqa: E402
-from sftkey.backends import triton_pair  # noqa: E402
+from sftkey.core.driver import resolve_backend  # noqa: E402
+
+triton_backend = importlib.import_module("sftkey.backends.triton")
 
 from conftest import DEVICE, needs_cuda, needs_kernels  # noqa: E402
 from test_divergence import SHAPES, REDUCTIONS, _compare, _divergence, _pair, small_groups  # noqa: E402,F401
@@ -31,8 +34,8 @@ def kernel_calls(monkeypatch):
         calls.append(args[2])
         return rows(*args, **kwargs)
 
-    rows = triton_pair.rows
-    monkeypatch.setattr(triton_pair, "rows", counted)
+    rows = triton_backend.kl_rows
+    monkeypatch.setattr(triton_backend, "kl_rows", counted)
     return calls
 
 
@@ -110,22 +113,22 @@ def test_what_the_triton_rows_refuse():
     x64, w64, xr64, wr64 = (t.detach().double() for t in (x, w, xr, wr))
     with pytest.raises(TypeError, match="backend='triton' supports float32, bfloat16 and float16 inputs"):
         sftkey.linear_divergence(x64, w64, xr64, wr64, y, backend="triton")
-    z = torch.zeros(2, 5, dtype=torch.float64, device=DEVICE)
-    with pytest.raises(TypeError, match="float32 logits"):
-        triton_pair.rows(z, z.clone(), "forward_kl")
-    with pytest.raises(ValueError, match="kind in"):
-        triton_pair.rows(z.float(), z.float(), "jsd")
+    with pytest.raises(TypeError, match="backend='triton' supports float32"):
+        resolve_backend("triton", DEVICE, torch.float32).two_head_rows("forward_kl", torch.float64, DEVICE)
+
+
+def _rows(backend: str, kind: str, dtype=torch.float32):
+    """The triton backend's two-head rows for ``kind``, where the call's backend has them, else None."""
+    return resolve_backend(backend, DEVICE, dtype).two_head_rows(kind, dtype, DEVICE)
 
 
 def test_which_calls_take_the_row_kernels():
     """``"triton"`` for the KLs; ``"torch"`` never; ``"auto"`` where it picks the triton backend
     (on CUDA), and never for the JSD or float64."""
-    x = torch.zeros(3, 4, device=DEVICE)
-    assert pair_passes.row_kernels("triton", x, "forward_kl") and pair_passes.row_kernels("triton", x, "reverse_kl")
-    assert not pair_passes.row_kernels("torch", x, "forward_kl")
-    assert not pair_passes.row_kernels("auto", x, "jsd")
-    assert not pair_passes.row_kernels("auto", x.double(), "forward_kl")
-    assert pair_passes.row_kernels("auto", x, "forward_kl") == (DEVICE.type == "cuda")
+    assert _rows("triton", "forward_kl") is not None and _rows("triton", "reverse_kl") is not None
+    assert _rows("triton", "jsd") is None and _rows("torch", "forward_kl") is None
+    assert _rows("auto", "jsd") is None and _rows("auto", "forward_kl", torch.float64) is None
+    assert (_rows("auto", "forward_kl") is not None) == (DEVICE.type == "cuda")
 
 
 @pytest.mark.gpu

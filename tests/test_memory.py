@@ -19,9 +19,9 @@ SCRIPT = textwrap.dedent("""
     import json, sys, torch, sftkey
     backend, reduction, n, d, v = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
     if backend.startswith("triton"):  # big interpreter tiles: few programs, so the interpreter is quick
-        from sftkey.backends import get_backend
+        from sftkey.core.driver import resolve_backend
         from sftkey.kernels.configs import KernelConfig, RowConfig
-        be = get_backend(backend, torch.device("cpu"))
+        be = resolve_backend(backend, torch.device("cpu"), torch.float32)
         be.forward_config = be.backward_config = KernelConfig(block_n=64, block_v=256, block_d=16)
         be.row_config = RowConfig(block_v=4096, num_warps=1)
     torch.manual_seed(0)

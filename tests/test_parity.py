@@ -8,10 +8,12 @@ import torch
 
 import sftkey
 from sftkey import config
+from sftkey.backends.engine import Needs
 
 from conftest import DEVICE, DTYPES, assert_close, force_ways, make_head
 
 torch_backend = importlib.import_module("sftkey.backends.torch")  # the package's `torch` attribute is the library
+engine = importlib.import_module("sftkey.backends.engine")
 
 # (N, D, V): N=1, V prime, D not a power of two, V above one vocabulary slice of the dW products
 SHAPES = [(1, 16, 7), (37, 40, 257), (50, 24, 131), (33, 48, 300)]
@@ -25,8 +27,8 @@ def small_blocks(monkeypatch):
     products up-cast) in slices of tens of vocabulary rows, so group, block and slice edges
     are exercised."""
     monkeypatch.setattr(config, "chunk_budget_bytes", 20000)
-    monkeypatch.setattr(torch_backend, "_STAGING_BYTES", 8192)
-    monkeypatch.setattr(torch_backend, "_UPCAST_BYTES", 4096)
+    monkeypatch.setattr(engine, "STAGING_BYTES", 8192)
+    monkeypatch.setattr(engine, "UPCAST_BYTES", 4096)
 
 
 def random_options(rng: random.Random, x, w, y, bias):
@@ -149,7 +151,8 @@ def test_low_precision_dw_one_group_or_float32_sum(dtype, groups, lowp_products,
     d, v = 48, 131
     x, w, _, y = make_head(n, d, v, dtype, seed=n)
     head = torch_backend.Head(x.detach().reshape(n, d), w.detach(), None, y.clamp_min(-1), None, None)
-    rows = torch_backend._Workspace(head, two_buffers=False, dw=True).group_rows
+    rows = torch_backend.operand(head, Needs(True, True, False), torch_backend.product_dtype(head.x.device, dtype),
+                                 config.chunk_budget_bytes).group_rows
     assert (rows == n) == (groups == "one"), f"group of {rows} rows for N={n}"
     opts = dict(token_weights=torch.rand(n, generator=torch.Generator().manual_seed(n)).to(DEVICE), z_loss=1e-3)
     got_loss, got_grads, _ = run(x, w, y, dict(opts, reduction="mean"), "torch", 0, return_stats=False)

@@ -16,8 +16,9 @@ pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, needs_cuda, needs_kernels  # noqa: E402
 from sftkey import config  # noqa: E402
-from sftkey.backends.base import BlockResult, Needs, Reads, StatGrads  # noqa: E402
-from sftkey.backends.triton import TritonBackend, float32_logits, logits_dtype  # noqa: E402
+from sftkey.backends.engine import BlockResult, Needs, Reads, StatGrads  # noqa: E402
+from sftkey.backends.products import float32_output  # noqa: E402
+from sftkey.backends.triton import TritonBackend, logits_dtype  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
 from test_triton_kernels import ALL, make, reference, upstream  # noqa: E402
 
@@ -48,12 +49,17 @@ def logits(request, monkeypatch):
     """The logits products in the inputs' dtype, or float32 from bf16/fp16 (dz then overlays
     them in a narrower dtype). Without ``torch.mm(out_dtype=)`` on the device (the CPU) the
     float32 products are emulated from up-cast operands."""
-    if request.param == "float32" and not float32_logits(KERNEL_DEVICE.type, torch.bfloat16):
-        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type, dtype: True)
-        monkeypatch.setattr(rows_backend, "_mm_float32", lambda a, b, out: torch.mm(a.float(), b.float(), out=out))
+    if request.param == "float32" and not float32_output(KERNEL_DEVICE.type, torch.bfloat16):
+        emulate_float32_output(monkeypatch)
     elif request.param == "inputs":
-        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type, dtype: False)
+        monkeypatch.setattr(rows_backend, "float32_output", lambda device_type, dtype: False)
     return request.param
+
+
+def emulate_float32_output(monkeypatch):
+    """Float32 logits from bf16/fp16 operands where the device has no such product (the CPU)."""
+    monkeypatch.setattr(rows_backend, "float32_output", lambda device_type, dtype: True)
+    monkeypatch.setattr(products, "mm_float32", lambda a, b, out: torch.mm(a.float(), b.float(), out=out))
 
 
 def run(head, coef, needs=ALL, reads=Reads(), backend=None):
@@ -113,9 +119,8 @@ def reads_gaps(ways):
 def test_products_may_read_row_gaps(dtype, case, monkeypatch):
     """Float32 logits with ``dz`` overlaid in bf16/fp16 at their row stride: a product that
     reads the gap between ``dz``'s rows gets the same ``dX`` (the kernel zeroes the gap)."""
-    if not float32_logits(KERNEL_DEVICE.type, dtype):
-        monkeypatch.setattr(rows_backend, "float32_logits", lambda device_type, dtype: True)
-        monkeypatch.setattr(rows_backend, "_mm_float32", lambda a, b, out: torch.mm(a.float(), b.float(), out=out))
+    if not float32_output(KERNEL_DEVICE.type, dtype):
+        emulate_float32_output(monkeypatch)
     monkeypatch.setattr(products, "DX", reads_gaps(products.DX))
     head = make(dtype, **case)
     assert logits_dtype(head.x) == torch.float32
@@ -168,13 +173,13 @@ def test_several_groups(dtype, logits, sums, monkeypatch):
     if dtype == torch.float32 and (logits == "float32" or sums == "addmm"):
         pytest.skip("float32 inputs have float32 products and sums already")
     if sums == "staged":
-        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type, dtype: False)
-    elif not rows_backend.float32_sums(KERNEL_DEVICE.type, dtype):
-        monkeypatch.setattr(rows_backend, "float32_sums", lambda device_type, dtype: True)
-        monkeypatch.setattr(rows_backend, "_addmm_float32", lambda c, a, b: c.addmm_(a.float(), b.float()))
+        monkeypatch.setattr(products, "float32_sums", lambda device_type, dtype: False)
+    elif not products.float32_sums(KERNEL_DEVICE.type, dtype):
+        monkeypatch.setattr(products, "float32_sums", lambda device_type, dtype: True)
+        monkeypatch.setattr(products, "addmm_float32", lambda c, a, b: c.addmm_(a.float(), b.float()))
     monkeypatch.setattr(config, "chunk_budget_bytes", 16 * 300 * 4)
     head = make(dtype, n=150, d=16, v=300, class_weights=True)
-    assert torch_backend._Workspace(head, False, True, out_dtype=logits_dtype(head.x)).group_rows < 150
+    assert torch_backend.operand(head, ALL, logits_dtype(head.x), config.chunk_budget_bytes).group_rows < 150
     check(head, upstream(150))
     rows = torch.arange(0, 150, 2, device=KERNEL_DEVICE)
     gathered = type(head)(head.x, head.w, head.b, head.y[rows], head.c, None, rows)
@@ -224,7 +229,7 @@ def test_out_of_resources_falls_back_to_torch_once(monkeypatch):
                 raise OutOfResources(300 * 1024, 227 * 1024, "shared memory")
             return launch
 
-    monkeypatch.setattr(rows_backend, "row_stats_kernel", Refuses())
+    monkeypatch.setattr(importlib.import_module("sftkey.kernels.rows"), "row_stats_kernel", Refuses())
     head = make(torch.float32, n=20, v=100)
     backend = TritonBackend()
     with pytest.warns(RuntimeWarning, match="out of resource.*backend='torch'"):

@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, needs_kernels  # noqa: E402
-from sftkey.backends.base import Head, Needs, StatGrads  # noqa: E402
-from sftkey.backends.triton_fused import FusedTritonBackend, _launch_args  # noqa: E402
-from sftkey.kernels.configs import INTERPRETED, INTERPRETER  # noqa: E402
+from sftkey.backends.engine import Head, Needs, StatGrads  # noqa: E402
+from sftkey.backends.triton_fused import FusedTritonBackend  # noqa: E402
+from sftkey.kernels.configs import INTERPRETED, INTERPRETER, tile_args  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
 
 pytestmark = needs_kernels
@@ -176,8 +176,8 @@ def test_filter_eps_bf16_within_tolerance():
 @pytest.mark.skipif(not INTERPRETED, reason="the up-cast is the interpreter's (compiled tl.dot takes bf16)")
 def test_bf16_dot_upcast_under_interpreter():
     x = torch.zeros(2, 2, dtype=torch.bfloat16)
-    assert _launch_args(x, INTERPRETER)["UPCAST"] is True
-    assert _launch_args(x.half(), INTERPRETER)["UPCAST"] is False
+    assert tile_args(x, INTERPRETER)["UPCAST"] is True
+    assert tile_args(x.half(), INTERPRETER)["UPCAST"] is False
 
 
 def test_empty_rows():

@@ -1,13 +1,17 @@
-"""How the torch backend forms its matrix products: in which dtype, and in which layout.
+"""How the backends form their matrix products: in which dtype, and in which layout.
 
-**Dtype.** 
-Some CPUs have no native bf16 or fp16 matrix product (AVX2-only x86, for one): torch runs
+**Dtype.** Some CPUs have no native bf16 or fp16 matrix product (AVX2-only x86, for one): torch runs
 them emulated, 10-70x slower than float32. There the products are formed in float32 from
 the bf16/fp16 inputs, slice by slice, and everything comes back in the inputs' dtypes as
 elsewhere. :func:`product_dtype` decides per device and dtype, once per process (and thread
 count): on CUDA the products are native; on a CPU a chunk-sized timing of the low-precision
 product against the float32 one decides, after the cheaper check of whether oneDNN has a
 bf16/fp16 path on this CPU at all. ``sftkey.set_lowp_products`` overrides the choice.
+
+**Float32 output.** Recent torch forms a bf16/fp16 product with a float32 result
+(``torch.mm(..., out_dtype=torch.float32)``) on CUDA; :func:`float32_output` and
+:func:`float32_sums` check once per device type whether this torch has it (the triton
+backend's logits and ``dW`` sums).
 
 **Layout.** The same product runs at very different rates on different CPUs depending on
 the operands' layout and row count (oneDNN on AMX ran ``dX = dz W`` 1.6x faster plain than as
@@ -26,7 +30,8 @@ import torch
 
 from .. import config
 
-LOWP = (torch.bfloat16, torch.float16)
+#: The low-precision input dtypes, whose products may be native, emulated, or float32-output.
+LOWP_DTYPES = (torch.bfloat16, torch.float16)
 #: The probe's product ``[rows, inner] @ [inner, cols]``: about 67 MFLOP, a few ms even where
 #: the low-precision product is emulated at ~10 GFLOP/s. Rounds alternate the two dtypes, so
 #: that other work on the machine weighs on both alike; the best of each counts.
@@ -41,7 +46,7 @@ _NATIVE_SHARE = 0.5
 def product_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the torch backend's products of ``dtype`` inputs take on ``device``: ``dtype``
     itself where it is native (or not a low-precision dtype), else float32."""
-    if dtype not in LOWP:
+    if dtype not in LOWP_DTYPES:
         return dtype
     mode = config.lowp_products
     if mode == "native" or (mode == "auto" and (device.type != "cpu" or lowp_native_on_cpu(dtype))):
@@ -94,13 +99,50 @@ def describe(device: torch.device) -> dict:
     info = {"lowp_products": config.lowp_products}
     if device.type == "cpu":
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        for dtype in LOWP:
+        for dtype in LOWP_DTYPES:
             name = str(dtype).removeprefix("torch.")
             info[f"{name}_onednn"] = onednn_supports(dtype)
             info[f"{name}_native"] = lowp_native_on_cpu(dtype)
-    for dtype in LOWP:
+    for dtype in LOWP_DTYPES:
         info[f"{str(dtype).removeprefix('torch.')}_products"] = str(product_dtype(device, dtype)).removeprefix("torch.")
     return info
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` into a float32 ``out`` from bf16/fp16 operands, in one product."""
+    torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def addmm_float32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``c += a @ b`` into a float32 ``c`` from bf16/fp16 operands, in one product."""
+    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+
+
+@lru_cache(maxsize=None)
+def float32_output(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether :func:`mm_float32` runs on ``dtype`` (bf16 or fp16) operands on this device type
+    (recent torch on CUDA; not on the CPU)."""
+    a = torch.ones(2, 2, dtype=dtype, device=device_type)
+    try:
+        mm_float32(a, a, torch.empty(2, 2, device=device_type))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def float32_sums(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether :func:`addmm_float32` adds ``dtype`` products into a float32 sum in place on this
+    device type, checked on a small product against its float32 value."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=g).to(device_type, dtype)
+    c = torch.randn(16, 16, generator=g).to(device_type)
+    want = c + a.float() @ a.float()
+    try:
+        addmm_float32(c, a, a)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(c, want, rtol=1e-4, atol=1e-4)
 
 
 #: ``way(a, b, out, accumulate)``: ``out = a @ b``, or ``out += a @ b`` where ``accumulate``.

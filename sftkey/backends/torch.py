@@ -1,30 +1,22 @@
-"""Chunked pure-PyTorch backend: any device, any dtype, never an N x V buffer.
+"""The torch backend (``backend="torch"``): chunked PyTorch on any device, any dtype, never an
+``N x V`` buffer. The group engine (:mod:`.engine`) forms each group's logits products (in the
+inputs' dtype, or float32 from bf16/fp16 inputs where the device has no native product:
+:mod:`.products`) and their gradient products; this module is the block math between them.
 
-Rows go in *groups* of ``R`` rows, whose logits products land in one buffer that fits
-:data:`sftkey.config.chunk_budget_bytes`; each group is worked through in *blocks* of
-``r <= R`` rows for the elementwise math in the accumulation dtype ``A`` (float64 for
-float64 inputs, else float32). The products take the inputs' dtype, or float32 from
-bf16/fp16 inputs where the device has no native low-precision product
-(:mod:`.products`). The buffers are reused for every group:
+Each group is worked through in *blocks* of ``r`` rows in the accumulation dtype ``A``
+(float64 for float64 inputs, else float32), in buffers reused for every block:
 
-* ``out`` ``[R, V]`` products' dtype: logits products, then ``dz`` for the gradient products;
-* ``z``   ``[r, V]`` A: a block's logits (soft-capped), later ``dz`` (native bf16/fp16
-  products only; otherwise a block works on its rows of ``out`` directly); ``r`` rows fill
-  an eighth of the budget;
-* ``p``   ``[r, V]`` A: ``exp(z - m)`` beside the logits, only where ``S`` or its gradient
-  is needed (else the exponential overwrites the logits);
-* ``f``   ``[r, V]`` A (softcap only): ``1 - (z / cap)^2``;
-* ``x32`` ``[R, D]`` and ``w32`` (a slice of W's rows), float32: the up-cast operands of
-  float32 products from bf16/fp16 inputs.
+* ``z`` ``[r, V]`` A: a block's logits (soft-capped), later its ``dz`` (where the chunk is not
+  in ``A`` already; otherwise a block works on its rows of the chunk directly); ``r`` rows
+  fill an eighth of the chunk budget;
+* ``p`` ``[r, V]`` A: ``exp(z - m)`` beside the logits, only where ``S`` or its gradient is
+  needed (else the exponential overwrites the logits);
+* ``f`` ``[r, V]`` A (soft-cap only): ``1 - (z / cap)^2``.
 
-The gradient products run once per group, so the float32 ``dW`` (one buffer of W's size for
-a bf16/fp16 W, none for float32, where ``addmm_`` adds in place) is read and written
-``N / R`` times; a native bf16/fp16 product of a vocabulary slice goes through a staging
-pair sized to stay in cache. Where all rows fit in one group within the budget plus that
-buffer's ``4VD`` bytes, they make one group instead: its ``dW`` is a single product (summed
-in float32 inside the matrix product), so the buffer is not needed and the products are as
-large as they can be. The math of ``dz`` is docs/design.md's: the one-hot term is a scatter, the
-class-weight term an in-place rank-one update of the block.
+The math of ``dz`` is docs/design.md's: the one-hot term is a scatter, the class-weight term
+an in-place rank-one update of the block. Where all rows fit one group within the budget plus
+a bf16/fp16 ``dW``'s float32 sum (``4VD`` bytes), they make one group: its ``dW`` is a single
+product, and the sum is not needed.
 """
 from __future__ import annotations
 
@@ -34,102 +26,47 @@ import torch
 from torch import Tensor
 
 from .. import config
-from .base import Backend, BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, StatGrads, accumulation_dtype
-from . import products
+from .engine import (NO_GRADS, Backend, BlockLoss, Head, Needs, Operand, Reads, RowStats, SinglePassResult, StatGrads,
+                     accumulation_dtype, keep, rows_per_group, rows_within, run, slices)
 from .products import product_dtype
 
-_ROW_ALIGN = 16
-_BLOCK_SHARE = 8  # float32 blocks of budget / 8 bytes: as fast as larger ones, leaving the budget to the groups
-_STAGING_BYTES = 2 << 20  # float32 staging of one dW slice: stays in cache, keeps the products large
-_UPCAST_BYTES = 4 << 20  # float32 slices of a bf16/fp16 W where its products are formed in float32
+#: float32 blocks of budget / 8 bytes: as fast as larger ones, leaving the budget to the groups
+_BLOCK_SHARE = 8
 
 
-def _rows(budget: int, bytes_per_row: int, n: int) -> int:
-    """Rows of ``bytes_per_row`` that fit ``budget``: a multiple of 16 (at least 16), at most ``n``."""
-    return min(n, max(_ROW_ALIGN, budget // bytes_per_row // _ROW_ALIGN * _ROW_ALIGN))
+def operand(head: Head, needs: Needs, logits_dtype: torch.dtype, budget: int, **products) -> Operand:
+    """The engine's :class:`~.engine.Operand` of a one-head pass: groups within ``budget``, all
+    rows in one where a bf16/fp16 ``dW`` is formed and they fit within the budget plus its
+    float32 sum. ``products``: the operand's ``float32_output`` and ``float32_sums``."""
+    x, V = head.x, head.w.shape[0]
+    bonus = head.w.numel() * 4 if needs.dw and x.dtype != accumulation_dtype(x.dtype) else 0
+    rows = rows_per_group(head.tokens, V * logits_dtype.itemsize, budget, bonus)
+    return Operand(head, needs, rows, logits_dtype, **products)
 
 
-class _Workspace:
-    """The buffers of one call, sized once and reused for every group and block of rows.
-    ``two_buffers``: keep the logits beside ``exp(z - m)`` (needed for ``S`` and its gradient);
-    ``dw``: a bf16/fp16 ``dW`` is formed, so one group may use the float32 buffer's memory.
-    The head's ``rows`` (the rows of ``x`` that are its tokens) are gathered group by group.
-    A *group* and a *block* are slices of the head's tokens.
+class Blocks:
+    """The block buffers of one call (module docstring) and the block math on them.
+    ``two_buffers``: keep the logits beside ``exp(z - m)`` (needed for ``S`` and its gradient)."""
 
-    The products are formed in ``product_dtype`` (:mod:`.products`): the inputs' dtype, or
-    float32 from bf16/fp16 inputs where their products are not native (``upcast``); then
-    ``out`` is float32, the hidden states of a group are up-cast into ``x32`` and ``W`` slice by
-    slice into ``w32``.
-
-    ``out_dtype`` given (the Triton single pass): ``out`` takes that dtype, the products are
-    the caller's and no float32 blocks are allocated (the caller's kernels do the block math);
-    ``budget`` then replaces :data:`sftkey.config.chunk_budget_bytes`."""
-
-    def __init__(self, head: Head, two_buffers: bool, dw: bool = False, out_dtype: Optional[torch.dtype] = None,
-                 budget: Optional[int] = None):
-        x, w = head.x, head.w
-        n, (V, D) = head.y.shape[0], w.shape
-        self.acc = accumulation_dtype(x.dtype)
-        blocks = out_dtype is None
-        self.upcast = blocks and product_dtype(x.device, x.dtype) != x.dtype
-        if blocks:
-            out_dtype = self.acc if self.upcast else x.dtype
-        out_size = out_dtype.itemsize
-        budget = budget or config.chunk_budget_bytes
-        one_group = dw and x.dtype != self.acc and n * V * out_size <= budget + w.numel() * 4
-        self.group_rows = n if one_group else _rows(budget, V * out_size, n)
-        self.block_rows = _rows(budget // _BLOCK_SHARE, V * 4, self.group_rows)
-        kw = dict(dtype=self.acc, device=x.device)
-        self.out = torch.empty(self.group_rows, V, dtype=out_dtype, device=x.device)
-        self.z = torch.empty(self.block_rows, V, **kw) if blocks and out_dtype != self.acc else None
-        self.p = torch.empty(self.block_rows, V, **kw) if blocks and two_buffers else None
-        self.f = None if not blocks or head.softcap is None else torch.empty(self.block_rows, V, **kw)
-        self.b = None if head.b is None else head.b.to(self.acc)
-        self.c = None if head.c is None else head.c.to(self.acc)
+    def __init__(self, head: Head, op: Operand, two_buffers: bool):
+        V = head.w.shape[0]
+        acc = op.acc
+        self.rows = rows_within(config.chunk_budget_bytes // _BLOCK_SHARE, V * 4, op.group_rows)
+        kw = dict(dtype=acc, device=head.x.device)
+        self.z = torch.empty(self.rows, V, **kw) if op.out.dtype != acc else None
+        self.p = torch.empty(self.rows, V, **kw) if two_buffers else None
+        self.f = None if head.softcap is None else torch.empty(self.rows, V, **kw)
+        self.b = op.b
+        self.c = None if head.c is None else head.c.to(acc)
         self.softcap = head.softcap
-        self.rows = head.rows
-        self.xg = None if head.rows is None else x.new_empty(self.group_rows, D)
-        if self.upcast:
-            self.x32 = torch.empty(self.group_rows, D, **kw)
-            self.w32 = torch.empty(min(V, max(_ROW_ALIGN, _UPCAST_BYTES // (D * 4))), D, **kw)
 
-    def groups(self, n: int):
-        for start in range(0, n, self.group_rows):
-            yield slice(start, min(start + self.group_rows, n))
+    def of(self, group: slice):
+        """The blocks of a group, as slices of the head's tokens."""
+        return slices(group.start, group.stop, self.rows)
 
-    def hidden(self, head: Head, group: slice) -> Tensor:
-        """The hidden states of a group's tokens: a view of ``x``, or gathered from its ``rows``."""
-        if self.rows is None:
-            return head.x[group]
-        return torch.index_select(head.x, 0, self.rows[group], out=self.xg[: group.stop - group.start])
-
-    def blocks(self, group: slice):
-        for start in range(group.start, group.stop, self.block_rows):
-            yield slice(start, min(start + self.block_rows, group.stop))
-
-    def products(self, head: Head, group: slice) -> Tensor:
-        """The logits products of a group of rows, into ``out``; returns the group's hidden
-        states (up-cast to float32 where the products are)."""
-        x = self.hidden(head, group)
-        out = self.out[: group.stop - group.start]
-        if not self.upcast:
-            products.LOGITS(x, head.w.t(), out)
-            return x
-        x = self.x32[: out.shape[0]].copy_(x)
-        for cols, w in self.weight_slices(head.w):
-            torch.mm(x, w.t(), out=out[:, cols])
-        return x
-
-    def weight_slices(self, w: Tensor):
-        """``(cols, W[cols] in float32)`` for consecutive slices of W's rows, through ``w32``."""
-        step = self.w32.shape[0]
-        for start in range(0, w.shape[0], step):
-            cols = slice(start, min(start + step, w.shape[0]))
-            yield cols, self.w32[: cols.stop - cols.start].copy_(w[cols])
-
-    def logits(self, group: slice, block: slice):
-        """A block's logits ``z`` (and ``f`` under softcap) from its rows ``o`` of ``out``."""
-        o = self.out[block.start - group.start: block.stop - group.start]
+    def logits(self, chunk: Tensor, group: slice, block: slice):
+        """A block's logits ``z`` (and ``f`` under softcap) from its rows ``o`` of the chunk."""
+        o = chunk[block.start - group.start: block.stop - group.start]
         z = o if self.z is None else self.z[: o.shape[0]].copy_(o)
         if self.b is not None:
             z.add_(self.b)
@@ -191,150 +128,58 @@ class _Workspace:
         return dz
 
 
-class _Gradients:
-    """``dX``, ``dW`` and ``db`` from each group's ``dz``; sums across groups in float32.
-
-    ``dW`` of a float32 W, or of a single group with native products, is the products
-    themselves (``addmm_`` adds in place; one product sums in float32 inside the matrix
-    product). A bf16/fp16 W over several groups sums in a float32 buffer of W's size: with
-    float32 products (``ws.upcast``) by ``addmm_`` into it, with native ones slice by slice
-    through a staging pair sized to stay in cache, the last group writing the slice's sum in
-    W's dtype while it is there. Float32 products of a single group go to W's dtype through
-    the float32 staging slice."""
-
-    def __init__(self, head: Head, needs: Needs, ws: _Workspace):
-        x, w = head.x, head.w
-        (V, D), several = w.shape, head.y.shape[0] > ws.group_rows
-        self.head, self.ws = head, ws
-        self.dx = None
-        if needs.dx:  # rows not in ws.rows keep a zero gradient; the others go through dx_part
-            self.dx = torch.empty_like(x) if ws.rows is None else torch.zeros_like(x)
-            self.dx_part = None if ws.rows is None else x.new_empty(ws.group_rows, D)
-            self.dx32 = torch.empty(ws.group_rows, D, dtype=ws.acc, device=x.device) if ws.upcast else None
-        self.db = torch.zeros(V, dtype=ws.acc, device=w.device) if needs.db and head.b is not None else None
-        self.dw = torch.empty_like(w) if needs.dw else None
-        self.sum = self.stage = self.stage_lo = None
-        self.first = True
-        if self.dw is not None and w.dtype != ws.acc:
-            if several:
-                self.sum = torch.empty(w.shape, dtype=ws.acc, device=w.device)
-            if several != ws.upcast:  # native products of several groups, or float32 ones of one
-                self.v_slice = max(_ROW_ALIGN, _STAGING_BYTES // (D * 4))
-                rows = min(self.v_slice, V)
-                self.stage = torch.empty(rows, D, dtype=ws.acc, device=w.device)
-                if not ws.upcast:
-                    self.stage_lo = torch.empty(rows, D, dtype=w.dtype, device=w.device)
-
-    def add(self, group: slice, dz: Tensor, x: Tensor) -> None:
-        """Add the products of a group's ``dz`` (its rows of ``out``) and hidden states ``x``
-        (both in the products' dtype)."""
-        head, rows = self.head, self.ws.rows
-        if self.db is not None:
-            self.db.add_(dz.sum(dim=0, dtype=self.db.dtype))
-        if self.dx is not None:
-            part = self.dx[group] if rows is None else self.dx_part[: group.stop - group.start]
-            if self.dx32 is not None:
-                self._dx_upcast(dz, part)
-            else:
-                products.DX(dz, head.w, part)
-            if rows is not None:
-                self.dx.index_copy_(0, rows[group], part)
-        if self.dw is None:
-            return
-        last = group.stop == head.y.shape[0]
-        if self.stage is not None:
-            self._add_staged(dz, x, last)
-        else:
-            total = self.dw if self.sum is None else self.sum
-            products.DW(dz.t(), x, total, accumulate=not self.first)
-            if last and self.sum is not None:
-                self.dw.copy_(self.sum)
-        self.first = False
-
-    def _dx_upcast(self, dz: Tensor, part: Tensor) -> None:
-        """A group's ``dX = dz W`` in float32, over the float32 slices of W, into ``part``."""
-        total = self.dx32[: dz.shape[0]]
-        for i, (cols, w) in enumerate(self.ws.weight_slices(self.head.w)):
-            if i == 0:
-                torch.mm(dz[:, cols], w, out=total)
-            else:
-                total.addmm_(dz[:, cols], w)
-        part.copy_(total)
-
-    def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
-        """A group's bf16/fp16 ``dW`` slice by slice: native products through the staging pair
-        into the float32 sums, or a single group's float32 products to W's dtype."""
-        V = dz.shape[1]
-        stage = self.stage if self.stage_lo is None else self.stage_lo
-        for v in range(0, V, self.v_slice):
-            cols = slice(v, min(v + self.v_slice, V))
-            k = cols.stop - cols.start
-            part = stage[:k]
-            products.DW(dz[:, cols].t(), x, part)
-            if self.sum is None:
-                self.dw[cols].copy_(part)
-            elif self.first:
-                self.sum[cols].copy_(part)
-            elif last:
-                self.dw[cols].copy_(self.stage[:k].copy_(part).add_(self.sum[cols]))
-            else:
-                self.sum[cols].add_(self.stage[:k].copy_(part))
-
-    def result(self):
-        db = None if self.db is None else self.db.to(self.head.b.dtype)
-        return self.dx, self.dw, db
-
-
-def _keep(o: Tensor, dz: Tensor) -> None:
-    """Leave a block's ``dz`` in its rows ``o`` of ``out`` (in the input dtype)."""
-    if dz.data_ptr() != o.data_ptr():
-        o.copy_(dz)
-
-
 class TorchBackend(Backend):
     """Chunked PyTorch: forward, recompute backward, and a single pass for scalar losses."""
 
     name = "torch"
 
+    def _setup(self, head: Head, needs: Needs, two_buffers: bool):
+        op = operand(head, needs, product_dtype(head.x.device, head.x.dtype), config.chunk_budget_bytes)
+        return op, Blocks(head, op, two_buffers)
+
     def forward(self, head: Head, topk: int = 0) -> RowStats:
-        ws = _Workspace(head, two_buffers=True)
+        op, blocks = self._setup(head, NO_GRADS, two_buffers=True)
         parts = []
-        for group in ws.groups(head.y.shape[0]):
-            ws.products(head, group)
-            for block in ws.blocks(group):
-                z, _, _ = ws.logits(group, block)
-                parts.append(ws.stats(head, block, z, topk)[0])
+
+        def work(group: slice, chunks: list) -> tuple:
+            for block in blocks.of(group):
+                z, _, _ = blocks.logits(chunks[0], group, block)
+                parts.append(blocks.stats(head, block, z, topk)[0])
+            return (False,)
+
+        run([op], work)
         return RowStats.cat(parts)
 
     def backward(self, head: Head, stats: RowStats, grads: StatGrads, needs: Needs,
-                 filter_eps: Optional[float] = None):
-        ws = _Workspace(head, two_buffers=grads.expected_logit is not None, dw=needs.dw)
-        out = _Gradients(head, needs, ws)
-        for group in ws.groups(head.y.shape[0]):
-            x = ws.products(head, group)
-            for block in ws.blocks(group):
-                z, f, o = ws.logits(group, block)
-                p = ws.exp_shifted(z, stats.lse[block])
-                g = StatGrads(*(None if t is None else t[block] for t in grads))
-                _keep(o, ws.dz(head, block, z, p, f, stats.expected_logit[block], g))
-            out.add(group, ws.out[: group.stop - group.start], x)
-        return out.result()
+                 filter_eps: Optional[float] = None) -> tuple:
+        op, blocks = self._setup(head, needs, two_buffers=grads.expected_logit is not None)
+
+        def work(group: slice, chunks: list) -> tuple:
+            for block in blocks.of(group):
+                z, f, o = blocks.logits(chunks[0], group, block)
+                p = blocks.exp_shifted(z, stats.lse[block])
+                keep(o, blocks.dz(head, block, z, p, f, stats.expected_logit[block], grads.select(block)))
+            return (True,)
+
+        run([op], work)
+        return op.result()
 
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, reads: Reads = Reads(),
                     filter_eps: Optional[float] = None) -> SinglePassResult:
-        ws = _Workspace(head, two_buffers=reads.expected_logit, dw=needs.dw)
-        out = _Gradients(head, needs, ws)
-        parts, loss = [], 0
-        for group in ws.groups(head.y.shape[0]):
-            x = ws.products(head, group)
-            for block in ws.blocks(group):
-                z, f, o = ws.logits(group, block)
-                stats, e, sum_exp = ws.stats(head, block, z, 0, reads)
+        op, blocks = self._setup(head, needs, two_buffers=reads.expected_logit)
+        parts, losses = [], []
+        grads = any(needs)
+
+        def work(group: slice, chunks: list) -> tuple:
+            for block in blocks.of(group):
+                z, f, o = blocks.logits(chunks[0], group, block)
+                stats, e, sum_exp = blocks.stats(head, block, z, 0, reads)
                 part = block_loss(block, stats)
-                loss = loss + part.loss
-                if any(needs):
-                    _keep(o, ws.dz(head, block, z, e, f, stats.expected_logit, part.grads, inv=sum_exp.reciprocal()))
+                losses.append(part.loss)
+                if grads:
+                    keep(o, blocks.dz(head, block, z, e, f, stats.expected_logit, part.grads, inv=sum_exp.reciprocal()))
                 parts.append(stats)
-            if any(needs):
-                out.add(group, ws.out[: group.stop - group.start], x)
-        return SinglePassResult(loss, RowStats.cat(parts), *out.result())
+            return (grads,)
+
+        run([op], work)
+        return SinglePassResult(sum(losses), RowStats.cat(parts), *op.result())

@@ -1,111 +1,48 @@
-"""The Triton backend (``backend="triton"``): the single pass of a scalar loss with the torch
-backend's structure, its block math in Triton (:mod:`sftkey.kernels.rows`).
+"""The triton backend (``backend="triton"``): the single pass of a scalar loss on the group
+engine (:mod:`.engine`), its block math in Triton row kernels (:mod:`sftkey.kernels.rows`);
+the two-head pass's forward and reverse KL rows in Triton (:mod:`sftkey.kernels.pair_rows`);
+``reduction="none"`` and ``logit_stats`` as ``"triton-fused"`` (:mod:`.triton_fused`).
 
 Rows go in groups within :data:`sftkey.config.chunk_budget_bytes`, on CUDA at least the bytes
-of a float32 ``dW`` (:func:`group_budget`; the torch backend's
-:class:`~sftkey.backends.torch._Workspace`). For each group:
+of a float32 ``dW`` (:func:`group_budget`). For each group:
 
-1. ``o = X_g W^T`` by ``torch.mm`` (cuBLAS on CUDA) into the group's buffer: float32 from
-   bf16/fp16 inputs where this torch has ``torch.mm(..., out_dtype=torch.float32)`` for the
-   device (checked once per device type), else in the inputs' dtype;
-2. :func:`~sftkey.kernels.rows.row_stats_kernel` reads ``o`` once for the statistics the loss
-   reads; the loss gives the group's upstream gradients;
-3. :func:`~sftkey.kernels.rows.row_grads_kernel` writes ``dz`` over ``o`` in the inputs'
-   dtype (a bf16/fp16 view of a float32 ``o`` keeps its row stride, and the kernel zeroes
-   the rest of each row, so that the products below read no stale float32 bits there);
-4. ``dX = dz W`` and ``dW += dz^T X_g`` by ``torch.mm``, summed across groups in float32
-   (the torch backend's :class:`~sftkey.backends.torch._Gradients`; a bf16/fp16 ``dW`` by one
-   float32-output ``addmm`` per group where the device has it).
+1. ``o = X_g W^T`` by ``torch.mm`` (cuBLAS on CUDA) into the chunk: float32 from bf16/fp16
+   inputs where this torch has float32-output products on the device
+   (:func:`.products.float32_output`), else in the inputs' dtype;
+2. :func:`~sftkey.kernels.rows.row_stats` reads ``o`` once for the statistics the loss reads;
+   the loss gives the group's upstream gradients;
+3. :func:`~sftkey.kernels.rows.row_grads` writes ``dz`` over ``o`` in the inputs' dtype (a
+   bf16/fp16 view of a float32 ``o`` keeps its row stride, and the kernel zeroes the rest of
+   each row, so that the products below read no stale float32 bits there);
+4. ``dX = dz W`` and ``dW += dz^T X_g`` by ``torch.mm``, summed across groups in float32 (a
+   bf16/fp16 ``dW`` by one float32-output ``addmm`` per group where the device has it).
 
 ``6NDV`` FLOPs in the matrix products plus three passes over a group's logits; extra memory
-one group's buffer plus, for a bf16/fp16 ``dW`` over several groups, its float32 sum: on CUDA
-at most twice the larger of the chunk budget and the float32 ``dW``'s ``4VD`` bytes.
-``reduction="none"`` and ``logit_stats`` take the fused kernels' recompute (inherited from
-:class:`~sftkey.backends.triton_fused.FusedTritonBackend`).
+one chunk plus, for a bf16/fp16 ``dW`` over several groups, its float32 sum: on CUDA at most
+twice the larger of the chunk budget and the float32 ``dW``'s ``4VD`` bytes.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
 import torch
-from torch import Tensor
 
-from sftkey import config
-from sftkey.kernels.configs import RowConfig, row_config
-from sftkey.kernels.rows import row_grads_kernel, row_stats_kernel
+from sftkey.kernels.configs import RowConfig, known_gpu, row_config
+from sftkey.kernels.pair_rows import KL_KINDS, kl_rows
+from sftkey.kernels.rows import row_grads, row_stats
 
-from .base import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, StatGrads
-from .torch import _Gradients, _Workspace
-from .triton_fused import FusedTritonBackend, _check, or_torch
-
-_LOWP = (torch.bfloat16, torch.float16)
-
-
-@lru_cache(maxsize=None)
-def float32_logits(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=torch.float32, out=...)`` runs on ``dtype`` (bf16 or
-    fp16) inputs on this device type (recent torch on CUDA; not on the CPU)."""
-    a = torch.ones(2, 2, dtype=dtype, device=device_type)
-    try:
-        _mm_float32(a, a, torch.empty(2, 2, device=device_type))
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
+from .. import config
+from .engine import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, run
+from .products import float32_output
+from .torch import operand
+from .triton_fused import KERNEL_DTYPES, FusedTritonBackend, check_inputs, or_torch
 
 
-def _mm_float32(a: Tensor, b: Tensor, out: Tensor) -> None:
-    torch.mm(a, b, out_dtype=torch.float32, out=out)
-
-
-def _addmm_float32(c: Tensor, a: Tensor, b: Tensor) -> None:
-    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-
-
-@lru_cache(maxsize=None)
-def float32_sums(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` adds ``dtype`` products
-    into a float32 ``c`` in place on this device type, checked on a small product against its
-    float32 value."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(16, 16, generator=g).to(device_type, dtype)
-    c = torch.randn(16, 16, generator=g).to(device_type)
-    want = c + a.float() @ a.float()
-    try:
-        _addmm_float32(c, a, a)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return torch.allclose(c, want, rtol=1e-4, atol=1e-4)
-
-
-def logits_dtype(x: Tensor) -> torch.dtype:
+def logits_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of a group's logits products: float32 from bf16/fp16 where the device has
-    float32 output, else the inputs' dtype."""
-    return torch.float32 if x.dtype in _LOWP and float32_logits(x.device.type, x.dtype) else x.dtype
-
-
-def _products(x: Tensor, w: Tensor, o: Tensor) -> None:
-    """``o = x w^T`` (``o`` float32 from bf16/fp16 ``x``, or in ``x``'s dtype)."""
-    if o.dtype == x.dtype:
-        torch.mm(x, w.t(), out=o)
-    else:
-        _mm_float32(x, w.t(), o)
-
-
-class _Gradients32(_Gradients):
-    """The torch backend's gradients, but a bf16/fp16 ``dW`` over several groups adds each group's
-    product straight into its float32 sum where :func:`float32_sums` holds (one product per
-    group, no staging through small slices)."""
-
-    def _add_staged(self, dz: Tensor, x: Tensor, last: bool) -> None:
-        if self.sum is None or not float32_sums(dz.device.type, dz.dtype):
-            super()._add_staged(dz, x, last)
-            return
-        if self.first:
-            self.sum.zero_()
-        _addmm_float32(self.sum, dz.t(), x)
-        if last:
-            self.dw.copy_(self.sum)
+    float32-output products, else the inputs' dtype."""
+    lowp = x.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if lowp and float32_output(x.device.type, x.dtype) else x.dtype
 
 
 def group_budget(head: Head, needs: Needs) -> int:
@@ -115,20 +52,6 @@ def group_budget(head: Head, needs: Needs) -> int:
     the CPU budget's few dozen). Without ``dW`` (a frozen head, no grad) the budget alone."""
     budget = config.chunk_budget_bytes
     return max(budget, head.w.numel() * 4) if head.x.is_cuda and needs.dw else budget
-
-
-def _flags(head: Head) -> dict:
-    return dict(HAS_BIAS=head.b is not None, HAS_C=head.c is not None, SOFTCAP=head.softcap is not None)
-
-
-def _gap(o: Tensor, dz: Tensor) -> int:
-    """Columns of a narrower ``dz`` overlaid on ``o`` between its ``V`` columns and its row
-    stride, which the kernel zeroes (0 where ``dz`` is ``o``)."""
-    return dz.stride(0) - o.shape[1] if dz.element_size() < o.element_size() else 0
-
-
-def _launch(cfg: RowConfig) -> dict:
-    return dict(BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
 
 
 class TritonBackend(FusedTritonBackend):
@@ -145,54 +68,41 @@ class TritonBackend(FusedTritonBackend):
     @or_torch
     def single_pass(self, head: Head, block_loss: BlockLoss, needs: Needs, reads: Reads = Reads(),
                     filter_eps: Optional[float] = None) -> SinglePassResult:
-        _check(head)
-        x = head.x
-        ws = _Workspace(head, two_buffers=False, dw=needs.dw, out_dtype=logits_dtype(x), budget=group_budget(head, needs))
-        out = _Gradients32(head, needs, ws)
-        cfg = self.row_config or row_config(x.device)
-        parts, loss = [], 0
-        for group in ws.groups(head.y.shape[0]):
-            xg = ws.hidden(head, group)
-            o = ws.out[: group.stop - group.start]
-            _products(xg, head.w, o)
-            stats = self._stats(head, group, o, reads, cfg)
+        check_inputs(head)
+        op = operand(head, needs, logits_dtype(head.x), group_budget(head, needs), float32_output=True,
+                     float32_sums=True)
+        cfg = self.row_config or row_config(head.x.device)
+        c = None if head.c is None else head.c.float()
+        parts, losses = [], []
+        grads = any(needs)
+
+        def work(group: slice, chunks: list) -> tuple:
+            o, y = chunks[0], head.y[group]
+            lse, zy, S, Z, argmax = row_stats(o, y, head.b, c, head.softcap, reads.expected_logit,
+                                              reads.weighted_logit_sum, reads.argmax, cfg)
+            stats = RowStats(lse, zy, S, Z, argmax)
             part = block_loss(group, stats)
-            loss = loss + part.loss
-            if any(needs):
-                dz = o if o.dtype == x.dtype else o.view(x.dtype)[:, : o.shape[1]]
-                self._dz(head, group, o, dz, stats, part.grads, cfg)
-                out.add(group, dz, xg)
+            losses.append(part.loss)
+            if grads:
+                row_grads(o, op.dz(group), y, head.b, c, head.softcap, lse, S, part.grads, cfg)
             parts.append(stats)
-        return SinglePassResult(loss, RowStats.cat(parts), *out.result())
+            return (grads,)
 
-    @staticmethod
-    def _stats(head: Head, group: slice, o: Tensor, reads: Reads, cfg: RowConfig) -> RowStats:
-        """The statistics of a group's logits ``o`` (``S``, ``Z``, argmax None where not read)."""
-        rows, dev = o.shape[0], o.device
-        lse, zy = (torch.empty(rows, dtype=torch.float32, device=dev) for _ in range(2))
-        S = torch.empty_like(lse) if reads.expected_logit else None
-        Z = torch.empty_like(lse) if reads.weighted_logit_sum else None
-        argmax = torch.empty(rows, dtype=torch.int64, device=dev) if reads.argmax else None
-        row_stats_kernel[(rows,)](
-            o, o.stride(0), head.b if head.b is not None else o, head.y[group],
-            head.c if head.c is not None else lse, lse, zy,
-            *(t if t is not None else lse for t in (S, Z, argmax)),
-            o.shape[1], float(head.softcap or 1.0),
-            HAS_S=S is not None, HAS_Z=Z is not None, ARGMAX=argmax is not None,
-            **_flags(head), **_launch(cfg))
-        return RowStats(lse, zy, S, Z, argmax)
+        run([op], work)
+        return SinglePassResult(sum(losses), RowStats.cat(parts), *op.result())
 
-    @staticmethod
-    def _dz(head: Head, group: slice, o: Tensor, dz: Tensor, stats: RowStats, grads: StatGrads,
-            cfg: RowConfig) -> None:
-        """``dz`` of a group from its logits ``o`` and upstream ``grads``, into ``dz``."""
-        g = [None if t is None else t.float().contiguous() for t in grads]
-        dummy = stats.lse
-        row_grads_kernel[(o.shape[0],)](
-            o, o.stride(0), dz, dz.stride(0), head.b if head.b is not None else o, head.y[group],
-            head.c if head.c is not None else dummy, stats.lse,
-            stats.expected_logit if stats.expected_logit is not None else dummy,
-            *(t if t is not None else dummy for t in g),
-            o.shape[1], _gap(o, dz), float(head.softcap or 1.0),
-            HAS_GLSE=g[0] is not None, HAS_GZY=g[1] is not None, HAS_GS=g[2] is not None,
-            HAS_GZ=g[3] is not None, **_flags(head), **_launch(cfg))
+    def two_head_rows(self, kind: str, dtype: torch.dtype, device: torch.device):
+        """The forward and reverse KL's rows in Triton (:func:`sftkey.kernels.pair_rows.kl_rows`)
+        where the kernels have launch settings for ``device``; None for the JSD (torch)."""
+        if kind not in KL_KINDS or not known_gpu(device):
+            return None
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {dtype}; "
+                            "use backend='torch' for float64")
+        cfg = self.row_config or row_config(device)
+
+        def rows(z, r, g, want_dz, want_dr):
+            return kl_rows(z, r, kind, g, want_dz, want_dr, cfg)
+
+        return rows
+

@@ -21,10 +21,14 @@ log-probabilities.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from ..backends.engine import PairBlock, RowStats
+from .loss import TokenTerms, token_losses
 
 
 class RowDivergence(NamedTuple):
@@ -36,8 +40,10 @@ class RowDivergence(NamedTuple):
     dr: Optional[Tensor]
 
 
-#: the kinds that are functions of per-row statistics (the Triton row kernels' kinds)
-KL_KINDS = ("forward_kl", "reverse_kl")
+#: The divergences of two heads an option may name.
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+#: the kinds that are functions of per-row statistics (a Triton row kernel's kinds)
+KL_KINDS = KINDS[:2]
 
 
 def _log(x: float) -> float:
@@ -73,3 +79,110 @@ def rows(z: Tensor, r: Tensor, kind: str, beta: float = 0.5, g: Optional[Tensor]
     dz = a.sub_(value_p[:, None]).mul_(p).mul_(g) if grads and want_dz else None
     dr = b.sub_(value_q[:, None]).mul_(q).mul_(g) if grads and want_dr else None
     return RowDivergence(value_p + value_q, dz, dr)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Which divergence: ``kind``, ``beta`` (JSD) and the temperature both heads' logits are
+    divided by; ``kernel_rows``: the backend's own block math for it
+    (:meth:`sftkey.backends.engine.Backend.two_head_rows`), else :func:`rows` in torch."""
+
+    kind: str
+    beta: float = 0.5
+    temperature: float = 1.0
+    kernel_rows: Optional[Callable] = None
+
+    def rows(self, z: Tensor, r: Tensor, g: Optional[Tensor] = None, want_dz: bool = True,
+             want_dr: bool = False) -> RowDivergence:
+        """:func:`rows` of this divergence on a block (overwriting ``z`` and ``r``)."""
+        if self.kernel_rows is not None:
+            return RowDivergence(*self.kernel_rows(z, r, g, want_dz, want_dr))
+        return rows(z, r, self.kind, self.beta, g, want_dz, want_dr)
+
+
+@dataclass(frozen=True)
+class DivergenceBlock:
+    """The block function of :func:`sftkey.linear_divergence` (:class:`~sftkey.backends.engine.BlockFn`):
+    ``sum_i coef_i D_i`` over the block and its gradients (``coef`` ``[N]``), or, with ``coef``
+    None, ``D_i`` per token and no gradient. ``softcap``: the policy's logits are soft-capped
+    first (an anchor's)."""
+
+    #: ``z``, ``r``, the factor under a soft-cap, and :func:`rows`'s (JSD: four)
+    buffers: ClassVar[int] = 8
+
+    d: Divergence
+    coef: Optional[Tensor] = None
+    want_dz: bool = True
+    want_dr: bool = False
+    softcap: Optional[float] = None
+
+    def __call__(self, block: slice, z: Tensor, r: Tensor) -> PairBlock:
+        T, cap = self.d.temperature, self.softcap
+        if cap is not None:
+            z = z.div_(cap).tanh_().mul_(cap)
+        if T != 1.0:
+            z.div_(T)
+            r.div_(T)
+        coef = None if self.coef is None else self.coef[block]
+        g = None if coef is None else coef / T
+        factor = None  # d(capped)/dz = 1 - (capped / cap)^2, taken before rows() overwrites z
+        if cap is not None and g is not None:
+            factor = z.mul(T / cap).square_().neg_().add_(1)
+        out = self.d.rows(z, r, g, self.want_dz, self.want_dr)
+        dz = out.dz
+        if factor is not None and dz is not None:
+            dz.mul_(factor)
+        loss = out.value if coef is None else torch.linalg.vecdot(out.value, coef)
+        return PairBlock(loss, dz, out.dr)
+
+
+@dataclass(frozen=True)
+class AnchoredBlock:
+    """The block function of the anchored cross-entropy: ``(sum_i l_i + sum_i coef_i D_i) /
+    scale`` over the block (``l_i`` :func:`sftkey.core.loss.token_losses` on the soft-capped
+    policy logits, ``D_i`` the divergence at temperature 1, ``coef`` ``[N]``), ``dz`` where
+    ``with_grads``, and the statistics where ``with_stats``."""
+
+    #: the autograd of the cross-entropy on the block holds about ten (measured: 91 MiB at 8)
+    buffers: ClassVar[int] = 16
+
+    y: Tensor
+    terms: TokenTerms
+    softcap: Optional[float]
+    coef: Tensor
+    scale: Tensor
+    d: Divergence
+    with_grads: bool
+    with_stats: bool
+
+    def __call__(self, block: slice, z: Tensor, r: Tensor) -> PairBlock:
+        y, terms, coef = self.y[block], self.terms.select(block), self.coef[block]
+        scale = self.scale.to(z.dtype)
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(self.with_grads)
+            capped = leaf if self.softcap is None else self.softcap * torch.tanh(leaf / self.softcap)
+            stats = _block_stats(capped, y, terms, self.with_stats)
+            ce = token_losses(stats, y, terms).sum() / scale
+            out = self.d.rows(capped.detach().clone(), r, coef / scale if self.with_grads else None)
+            loss = ce.detach() + torch.linalg.vecdot(out.value, coef) / scale
+            dz = None
+            if self.with_grads:
+                dz, = torch.autograd.grad(ce + torch.linalg.vecdot(capped, out.dz).sum(), leaf)
+        extra = None
+        if self.with_stats:
+            extra = RowStats(*(None if t is None else t.detach() for _, t in stats.items()))
+        return PairBlock(loss, dz, None, extra)
+
+
+def _block_stats(z: Tensor, y: Tensor, terms: TokenTerms, all_stats: bool) -> RowStats:
+    """The statistics the loss reads from a block's logits ``z`` (all of them, with the argmax,
+    where ``all_stats``), differentiable."""
+    zy = z.gather(1, y.clamp_min(0)[:, None]).squeeze(1) * (y >= 0)
+    S = Z = argmax = None
+    if terms.reads_expected_logit or all_stats:
+        S = torch.linalg.vecdot(torch.softmax(z, dim=1), z)
+    if terms.reads_weighted_logit_sum or all_stats:
+        Z = z.sum(dim=1) if terms.class_weights is None else z @ terms.class_weights
+    if all_stats:
+        argmax = z.detach().argmax(dim=1)
+    return RowStats(torch.logsumexp(z, dim=1), zy, S, Z, argmax)
