@@ -10,4 +10,4 @@ a source tree (an editable install, a second worktree) the same import name.
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["sftkey", "sftkey.*"]) + ["sftkey.kernels"]
-setup(packages=packages, package_dir={"sftkey.kernels": "kernels"})
+setup(packages=packages, package_dir={"sftkey.kernels": "kernels"}, package_data={"sftkey.kernels": ["verified.json"]})

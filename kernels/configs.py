@@ -24,8 +24,10 @@ blocks are small (and ``tl.dot`` needs every dimension >= 16).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -134,3 +136,26 @@ def tile_args(x: torch.Tensor, cfg: KernelConfig) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 UPCAST=INTERPRETED and x.dtype == torch.bfloat16, DOT_PREC="ieee" if exact else "tf32",
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+#: The Triton paths a GPU run verifies: the single pass's row kernels (``"triton"``), the fused
+#: tile kernels (``"triton-fused"``), the two-head KL rows (``"two-head"``).
+PATHS = ("triton", "triton-fused", "two-head")
+#: The records of passed GPU runs (``scripts/gpu-check.sh`` writes one).
+RECORDS = Path(__file__).with_name("verified.json")
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def verified(device: torch.device, path: str) -> bool:
+    """Whether a record in :data:`RECORDS` says ``path`` passed ``scripts/gpu-check.sh`` on a
+    GPU of ``device``'s compute capability with this Triton and torch (major.minor)."""
+    import triton
+
+    major, minor = torch.cuda.get_device_capability(device)
+    here = (major * 10 + minor, _minor(triton.__version__), _minor(torch.__version__))
+    records = json.loads(RECORDS.read_text())["records"]
+    return any((r["capability"], _minor(r["triton"]), _minor(r["torch"])) == here and path in r["paths"]
+               for r in records)

@@ -56,6 +56,7 @@ def test_wheel_ships_kernels_as_sftkey_kernels(tmp_path):
         pytest.fail(proc.stderr)
     wheel, = tmp_path.glob("sftkey-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
+    kernels = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".py", ".json"))
     assert sorted(n.split("/")[-1] for n in names if n.startswith("sftkey/kernels/")) == kernels
+    assert "verified.json" in kernels  # the GPU records backend="auto" reads
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels package in the wheel"

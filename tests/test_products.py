@@ -101,45 +101,67 @@ def _slow(a, b, out, accumulate):
     products._plain(a, b, out, accumulate)
 
 
-def test_tuner_keeps_the_fastest_way_per_shape(monkeypatch):
+def _counted(way, calls: list, name: str):
+    def run(a, b, out, accumulate):
+        calls.append(name)
+        way(a, b, out, accumulate)
+    return run
+
+
+@pytest.fixture
+def tuned(monkeypatch):
+    """Tuning on, for products of any size."""
     monkeypatch.setattr(config, "tune_products", True)
-    ways = products.Ways(_slow, products._plain)
+    monkeypatch.setattr(products, "TUNED_FLOP", 0)
+
+
+def test_tuner_tries_each_way_across_calls_then_keeps_the_fastest(tuned):
+    """Every call forms its product once (no extra products on a first call), the ways in turn,
+    each timed ``ROUNDS`` times; then the fastest for good."""
+    calls = []
+    ways = products.Ways(_counted(_slow, calls, "slow"), _counted(products._plain, calls, "plain"))
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 8, generator=g), torch.randn(8, 3, generator=g)
-    out = torch.full((5, 3), float("nan"))
-    ways(a, b, out)
-    assert list(ways.chosen.values()) == [1]
-    assert_close(out, a.double() @ b.double(), torch.float32, "product left by the tuning")
-    ways(a[:4], b, out[:4])  # another shape: tuned on its own
-    assert len(ways.chosen) == 2
-
-
-def test_tuning_call_leaves_the_chosen_ways_result(monkeypatch):
-    """The first call's product is bitwise the later calls' (autograd reentrance: gradcheck),
-    whichever way ran last in the timing rounds."""
-    monkeypatch.setattr(config, "tune_products", True)
-
-    def slow_and_off(a, b, out, accumulate):
-        _slow(a, b, out, accumulate)
-        out.add_(1.0)
-
-    for order, fastest in (((products._plain, _slow, slow_and_off), 0), ((_slow, slow_and_off, products._plain), 2)):
-        ways = products.Ways(*order)
-        a, b = torch.randn(5, 8), torch.randn(8, 3)
+    for i in range(len(ways.ways) * ways.ROUNDS + 3):
         out = torch.full((5, 3), float("nan"))
         ways(a, b, out)
-        assert list(ways.chosen.values()) == [fastest]
-        assert torch.equal(out, a @ b)
+        assert len(calls) == i + 1
+        assert_close(out, a.double() @ b.double(), torch.float32, f"call {i}")
+    assert calls[:4].count("slow") == 2 and calls[4:] == ["plain"] * 3
+    assert list(ways.chosen.values()) == [1]
 
 
-def test_tuner_off_or_accumulating_uses_the_first_way(monkeypatch):
-    calls = []
-    first = lambda a, b, out, acc: calls.append("first") or products._plain(a, b, out, acc)  # noqa: E731
-    ways = products.Ways(first, products._plain)
-    a, b, out = torch.ones(2, 3), torch.ones(3, 2), torch.zeros(2, 2)
+def test_tuner_shares_a_choice_within_a_size_class(tuned):
+    """Groups whose row counts round up to the same power of two share the choice (the last
+    group of every step has a new row count); another class is tuned on its own."""
+    ways = products.Ways(_slow, products._plain)
+    b = torch.randn(8, 3)
+    for rows in (33, 40, 64, 50):
+        ways(torch.randn(rows, 8), b, torch.empty(rows, 3))
+    assert len(ways.chosen) == 1 and not ways.timings
+    ways(torch.randn(20, 8), b, torch.empty(20, 3))
+    assert len(ways.chosen) == 1 and len(ways.timings) == 1
+
+
+def test_small_products_are_not_tuned(monkeypatch):
+    """Below ``TUNED_FLOP`` every call takes the first way: bitwise repeatable (gradcheck's
+    reentrance check)."""
     monkeypatch.setattr(config, "tune_products", True)
-    ways(a, b, out, accumulate=True)  # tuning would add the product several times
-    assert calls == ["first"] and not ways.chosen and torch.equal(out, torch.full((2, 2), 3.0))
+    calls = []
+    ways = products.Ways(_counted(products._plain, calls, "first"), _counted(_slow, calls, "second"))
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    assert 2 * a.numel() * b.shape[1] < products.TUNED_FLOP
+    for _ in range(5):
+        ways(a, b, torch.empty(4, 3))
+    assert calls == ["first"] * 5 and not ways.chosen and not ways.timings
+
+
+def test_tuner_off_uses_the_first_way(monkeypatch):
+    calls = []
+    ways = products.Ways(_counted(products._plain, calls, "first"), products._plain)
     monkeypatch.setattr(config, "tune_products", False)
+    monkeypatch.setattr(products, "TUNED_FLOP", 0)
+    a, b, out = torch.ones(2, 3), torch.ones(3, 2), torch.zeros(2, 2)
+    ways(a, b, out, accumulate=True)
     ways(a, b, out)
-    assert calls == ["first", "first"] and not ways.chosen
+    assert calls == ["first", "first"] and not ways.chosen and torch.equal(out, torch.full((2, 2), 3.0))

@@ -219,8 +219,9 @@ def _linear_loss_and_grads(head, backend):
     return got.loss, got.dx, got.dw, got.db
 
 
-def test_out_of_resources_falls_back_to_torch_once(monkeypatch):
-    """Triton's OutOfResources at a launch: one warning, then the torch backend's results."""
+def test_out_of_resources_falls_back_to_torch_once_per_configuration(monkeypatch):
+    """Triton's OutOfResources at a launch: one warning naming the reason, then the torch
+    backend's results for that configuration; another configuration still tries its kernels."""
     from triton.runtime.errors import OutOfResources
 
     class Refuses:
@@ -232,7 +233,7 @@ def test_out_of_resources_falls_back_to_torch_once(monkeypatch):
     monkeypatch.setattr(importlib.import_module("sftkey.kernels.rows"), "row_stats_kernel", Refuses())
     head = make(torch.float32, n=20, v=100)
     backend = TritonBackend()
-    with pytest.warns(RuntimeWarning, match="out of resource.*backend='torch'"):
+    with pytest.warns(RuntimeWarning, match="out of resource.*single_pass.*backend='torch'"):
         got = _linear_loss_and_grads(head, backend)
     want = _linear_loss_and_grads(head, torch_backend.TorchBackend())
     for g, w in zip(got, want):
@@ -240,6 +241,9 @@ def test_out_of_resources_falls_back_to_torch_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _linear_loss_and_grads(head, backend)
+    with pytest.warns(RuntimeWarning, match="out of resource"):  # with a soft-cap: its own configuration
+        _linear_loss_and_grads(make(torch.float32, n=20, v=100, softcap=3.0), backend)
+    assert len(backend.refused) == 2
 
 
 def test_unknown_gpu_falls_back_to_torch(monkeypatch):
@@ -247,19 +251,20 @@ def test_unknown_gpu_falls_back_to_torch(monkeypatch):
     sftkey_triton = importlib.import_module("sftkey.backends.triton_fused")
     monkeypatch.setattr(sftkey_triton, "known_gpu", lambda device: False)
     head = make(torch.float32, n=20, v=100)
-    with pytest.warns(RuntimeWarning, match="no block shapes"):
+    with pytest.warns(RuntimeWarning, match="no launch settings for"):
         got = TritonBackend().forward(head)
     assert torch.equal(got.lse, torch_backend.TorchBackend().forward(head).lse)
 
 
-def test_group_budget_grows_to_the_float32_dw_only_where_dw_is_formed(monkeypatch):
-    """On CUDA a group holds at least ``4VD`` bytes when ``dW`` is summed; a frozen head (LoRA,
-    no grad) keeps the chunk budget."""
-    from types import SimpleNamespace
-
-    monkeypatch.setattr(config, "chunk_budget_bytes", 1 << 20)
-    w = torch.empty(4096, 512)
-    on = lambda cuda: SimpleNamespace(x=SimpleNamespace(is_cuda=cuda), w=w)  # noqa: E731
-    assert rows_backend.group_budget(on(True), Needs(dx=True, dw=True, db=False)) == 4 * w.numel()
-    assert rows_backend.group_budget(on(True), Needs(dx=True, dw=False, db=False)) == 1 << 20
-    assert rows_backend.group_budget(on(False), Needs(dx=True, dw=True, db=False)) == 1 << 20
+def test_group_budget_on_cuda_and_on_a_cpu(monkeypatch):
+    """On CUDA a group holds at least ``4VD`` bytes when ``dW`` is summed, at most a sixteenth
+    of the free memory, never less than the chunk budget; a frozen head (LoRA, no grad) keeps
+    the chunk budget, and so does a CPU."""
+    budget, gib = 1 << 20, 1 << 30
+    assert torch_backend.device_budget(budget, 4 * gib, 80 * gib) == 4 * gib
+    assert torch_backend.device_budget(budget, 4 * gib, 16 * gib) == gib
+    assert torch_backend.device_budget(budget, 0, 80 * gib) == budget
+    assert torch_backend.device_budget(budget, 4 * gib, budget) == budget
+    monkeypatch.setattr(config, "chunk_budget_bytes", budget)
+    head = make(torch.float32, n=20, v=100)
+    assert torch_backend.group_budget(head, ALL) == budget

@@ -339,6 +339,15 @@ class Operand:
         out = self.chunk(group)
         return out.view(self.head.x.dtype)[:, : out.shape[1]] if self.float32_output else out
 
+    def keep(self, group: slice, rows: slice, dz: Tensor) -> None:
+        """Leave the ``dz`` of rows ``rows`` of the group (a block) where the gradient products
+        read it (:meth:`dz`), in its dtype; with ``float32_output``, zero those rows' gap."""
+        target = self.dz(group)[rows]
+        if dz.data_ptr() != target.data_ptr():
+            target.copy_(dz)
+        if self.float32_output:
+            self.chunk(group)[rows].view(self.head.x.dtype)[:, self.out.shape[1]:].zero_()
+
     def block_logits(self, o: Tensor) -> Tensor:
         """A block's rows ``o`` of the chunk as logits in the accumulation dtype, bias added (in
         place where the dtypes agree)."""
@@ -433,12 +442,6 @@ def run(operands: Sequence[Operand], work: Work) -> None:
                 op.add(group, x)
 
 
-def keep(o: Tensor, dz: Tensor) -> None:
-    """Leave a block's ``dz`` in its rows ``o`` of the chunk (in the chunk's dtype)."""
-    if dz.data_ptr() != o.data_ptr():
-        o.copy_(dz)
-
-
 class Backend:
     """A way to compute a head's :class:`RowStats` and their backward, and the two-head pass.
     Subclasses implement ``forward`` and ``backward``; ``single_pass`` may be overridden where
@@ -503,7 +506,7 @@ class Backend:
                 block = block_fn(slice(group.start + rows.start, group.start + rows.stop), z, r)
                 for i, d in enumerate((block.dz, block.dr)):
                     if d is not None and wanted[i]:
-                        keep(chunks[i][rows], d)
+                        operands[i].keep(group, rows, d)
                         formed[i] = True
                 blocks.append(block._replace(dz=None, dr=None))
             return formed

@@ -16,9 +16,9 @@ backend's logits and ``dW`` sums).
 **Layout.** The same product runs at very different rates on different CPUs depending on
 the operands' layout and row count (oneDNN on AMX ran ``dX = dz W`` 1.6x faster plain than as
 ``(W^T dz^T)^T``, where on a Zen 4 the transposed form was up to 1.6x faster). A
-:class:`Ways` holds equivalent ways to form one kind of product and, on the CPU, times each
-twice on its first call for a shape and keeps the fastest for that shape (``sftkey.config.
-tune_products``; off: always the first way).
+:class:`Ways` holds equivalent ways to form one kind of product and, on the CPU, tries each
+on the first calls of a size class and keeps the fastest (``sftkey.config.tune_products``;
+off: always the first way).
 """
 from __future__ import annotations
 
@@ -150,38 +150,58 @@ Way = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
 
 
 class Ways:
-    """Equivalent ways to form one kind of product ``a @ b`` into ``out``. A call uses the
-    way chosen for its operands' shapes, strides, dtype and the thread count; the first call
-    for them (not accumulating, on the CPU, with tuning on) runs every way twice and keeps
-    the fastest, leaving that way's product in ``out``, so the first call's result is bitwise
-    the later calls'."""
+    """Equivalent ways to form one kind of product ``a @ b`` into ``out``, and which one each
+    shape takes. A product's *key* is its operands' dimensions rounded up to powers of two,
+    their layouts, dtype, device and the thread count, so that the groups of a training run,
+    whose last one changes size every step, share a few keys. On the CPU, with tuning on
+    (:data:`sftkey.config.tune_products`), a key's first calls try the ways in turn, each call
+    forming its product once with the way tried least so far and timing it, until each way has
+    ``ROUNDS`` timings; from then on the fastest is kept. No product runs twice, so a first
+    call costs what a later one does (give or take a slower way), but those first calls may
+    differ from the later ones in the last bits. Products below :data:`TUNED_FLOP` are not
+    tuned: they take the first way (as with tuning off, bitwise repeatable)."""
 
-    #: Rounds of timing per way: the first run of a new shape also pays oneDNN's set-up.
+    #: Timings per way before a key's choice: the first run of a new shape pays oneDNN's set-up.
     ROUNDS = 2
 
     def __init__(self, *ways: Way):
         self.ways = ways
         self.chosen: dict = {}
+        self.timings: dict = {}
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
-        key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device, torch.get_num_threads())
+        key = _key(a, b)
         way = self.chosen.get(key)
-        if way is None and not accumulate and a.device.type == "cpu" and config.tune_products:
-            way = self.chosen[key] = self._tune(a, b, out)
-            return
-        self.ways[way or 0](a, b, out, accumulate)
+        if way is not None:
+            self.ways[way](a, b, out, accumulate)
+        elif a.device.type != "cpu" or not config.tune_products or 2 * a.numel() * b.shape[1] < TUNED_FLOP:
+            self.ways[0](a, b, out, accumulate)
+        else:
+            self._try(key, a, b, out, accumulate)
 
-    def _tune(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
-        best = [float("inf")] * len(self.ways)
-        for _ in range(self.ROUNDS):
-            for i, way in enumerate(self.ways):
-                start = time.perf_counter()
-                way(a, b, out, False)
-                best[i] = min(best[i], time.perf_counter() - start)
-        chosen = best.index(min(best))
-        if chosen != len(self.ways) - 1:
-            self.ways[chosen](a, b, out, False)
-        return chosen
+    def _try(self, key, a, b, out, accumulate) -> None:
+        """Form the product with the way timed least so far for ``key``, and time it."""
+        timings = self.timings.setdefault(key, [[] for _ in self.ways])
+        way = min(range(len(self.ways)), key=lambda i: len(timings[i]))
+        start = time.perf_counter()
+        self.ways[way](a, b, out, accumulate)
+        timings[way].append(time.perf_counter() - start)
+        if all(len(t) >= self.ROUNDS for t in timings):
+            best = [min(t) for t in timings]
+            self.chosen[key] = best.index(min(best))
+            del self.timings[key]
+
+
+#: The smallest product whose layout is tuned (a few ms at the slowest CPU's rate).
+TUNED_FLOP = 1 << 26
+
+
+def _key(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """What a product's choice of way depends on: its dimensions up to the next power of two,
+    which operands are transposed views, dtype, device, threads."""
+    dims = (a.shape[0], a.shape[1], b.shape[1])
+    layouts = tuple(t.stride(-1) == 1 for t in (a, b))
+    return (tuple(max(d - 1, 0).bit_length() for d in dims), layouts, a.dtype, a.device, torch.get_num_threads())
 
 
 def _plain(a, b, out, accumulate):

@@ -1,7 +1,20 @@
 """The torch backend (``backend="torch"``): chunked PyTorch on any device, any dtype, never an
-``N x V`` buffer. The group engine (:mod:`.engine`) forms each group's logits products (in the
-inputs' dtype, or float32 from bf16/fp16 inputs where the device has no native product:
-:mod:`.products`) and their gradient products; this module is the block math between them.
+``N x V`` buffer. The group engine (:mod:`.engine`) forms each group's logits products and
+their gradient products; this module is the block math between them, and how large a group
+and a block are on each device.
+
+**Products.** From bf16/fp16 inputs the logits are float32 where the device has
+float32-output products (CUDA: cuBLAS accumulates in float32 and rounds once, to float32;
+``dz`` then overlays the chunk in the inputs' dtype for the gradient products, which sum
+``dW`` by float32-output ``addmm``), else in the inputs' dtype where the device runs them
+natively, else in float32 from float32 copies (:func:`.products.product_dtype`).
+
+**Sizes** (:func:`group_budget`). On a CPU a group's chunk takes the chunk budget
+(:func:`sftkey.set_chunk_budget`, 48 MiB), and blocks an eighth of it, sized to stay in
+cache. On CUDA a group takes at least the float32 ``dW``'s ``4VD`` bytes where ``dW`` is
+formed (each ``dW`` product then sums over at least ``D`` rows, the float32 sum is rewritten
+at most ``N / D`` times), at most a sixteenth of the device's free memory, and a block is the
+whole group: few large kernels, and with the block buffers at most four chunks.
 
 Each group is worked through in *blocks* of ``r`` rows in the accumulation dtype ``A``
 (float64 for float64 inputs, else float32), in buffers reused for every block:
@@ -26,22 +39,42 @@ import torch
 from torch import Tensor
 
 from .. import config
-from .engine import (NO_GRADS, Backend, BlockLoss, Head, Needs, Operand, Reads, RowStats, SinglePassResult, StatGrads,
-                     accumulation_dtype, keep, rows_per_group, rows_within, run, slices)
-from .products import product_dtype
+from .engine import (LOWP_DTYPES, NO_GRADS, Backend, BlockLoss, Head, Needs, Operand, Reads, RowStats, SinglePassResult,
+                     StatGrads, accumulation_dtype, rows_per_group, rows_within, run, slices)
+from .products import float32_output, product_dtype
 
-#: float32 blocks of budget / 8 bytes: as fast as larger ones, leaving the budget to the groups
+#: float32 blocks of budget / 8 bytes on a CPU: as fast as larger ones, leaving the budget to the groups
 _BLOCK_SHARE = 8
+#: The floor of ``z - m`` (and ``z - lse``) before ``exp``, per accumulation dtype: no
+#: ``exp`` underflows (torch's CPU ``exp`` below -87 took 15-35x as long, and denormal
+#: results slow what follows on many CPUs), while ``V exp(floor)`` stays far below the
+#: dtype's rounding of a sum of exponentials that holds ``exp(0) = 1`` (``V e^-50 < 1e-16``
+#: for ``V < 2^30``): the floor changes no result of the dtype.
+EXP_FLOOR = {torch.float32: -50.0, torch.float64: -700.0}
 
 
-def operand(head: Head, needs: Needs, logits_dtype: torch.dtype, budget: int, **products) -> Operand:
+def group_budget(head: Head, needs: Needs) -> int:
+    """Bytes of one group's chunk (module docstring, "Sizes")."""
+    budget = config.chunk_budget_bytes
+    if not head.x.is_cuda:
+        return budget
+    return device_budget(budget, head.w.numel() * 4 if needs.dw else 0, torch.cuda.mem_get_info(head.x.device)[0])
+
+
+def device_budget(budget: int, dw_bytes: int, free_bytes: int) -> int:
+    """A CUDA group's chunk bytes: at least ``budget`` and the float32 ``dW``'s ``dw_bytes``, at
+    most a sixteenth of the device's ``free_bytes`` (but never below ``budget``)."""
+    return max(budget, min(max(budget, dw_bytes), free_bytes // 16))
+
+
+def operand(head: Head, needs: Needs, logits_dtype: torch.dtype, budget: int, **modes) -> Operand:
     """The engine's :class:`~.engine.Operand` of a one-head pass: groups within ``budget``, all
     rows in one where a bf16/fp16 ``dW`` is formed and they fit within the budget plus its
-    float32 sum. ``products``: the operand's ``float32_output`` and ``float32_sums``."""
+    float32 sum. ``modes``: the operand's ``float32_output`` and ``float32_sums``."""
     x, V = head.x, head.w.shape[0]
     bonus = head.w.numel() * 4 if needs.dw and x.dtype != accumulation_dtype(x.dtype) else 0
     rows = rows_per_group(head.tokens, V * logits_dtype.itemsize, budget, bonus)
-    return Operand(head, needs, rows, logits_dtype, **products)
+    return Operand(head, needs, rows, logits_dtype, **modes)
 
 
 class Blocks:
@@ -51,22 +84,28 @@ class Blocks:
     def __init__(self, head: Head, op: Operand, two_buffers: bool):
         V = head.w.shape[0]
         acc = op.acc
-        self.rows = rows_within(config.chunk_budget_bytes // _BLOCK_SHARE, V * 4, op.group_rows)
+        self.op = op
+        cpu = head.x.device.type == "cpu"
+        self.rows = rows_within(config.chunk_budget_bytes // _BLOCK_SHARE, V * 4, op.group_rows) if cpu else op.group_rows
         kw = dict(dtype=acc, device=head.x.device)
-        self.z = torch.empty(self.rows, V, **kw) if op.out.dtype != acc else None
+        # the logits in a buffer of their own where the chunk is not in ``acc`` or gets an overlaid dz
+        self.z = torch.empty(self.rows, V, **kw) if op.out.dtype != acc or op.float32_output else None
         self.p = torch.empty(self.rows, V, **kw) if two_buffers else None
         self.f = None if head.softcap is None else torch.empty(self.rows, V, **kw)
         self.b = op.b
         self.c = None if head.c is None else head.c.to(acc)
         self.softcap = head.softcap
+        self.floor = EXP_FLOOR[acc]
 
     def of(self, group: slice):
         """The blocks of a group, as slices of the head's tokens."""
         return slices(group.start, group.stop, self.rows)
 
     def logits(self, chunk: Tensor, group: slice, block: slice):
-        """A block's logits ``z`` (and ``f`` under softcap) from its rows ``o`` of the chunk."""
-        o = chunk[block.start - group.start: block.stop - group.start]
+        """A block's logits ``z`` (and ``f`` under softcap) from its rows of the chunk, and
+        those rows (a slice of the group)."""
+        rows = slice(block.start - group.start, block.stop - group.start)
+        o = chunk[rows]
         z = o if self.z is None else self.z[: o.shape[0]].copy_(o)
         if self.b is not None:
             z.add_(self.b)
@@ -76,13 +115,13 @@ class Blocks:
             z.div_(cap).tanh_()
             f = torch.mul(z, z, out=self.f[: z.shape[0]]).neg_().add_(1)
             z.mul_(cap)
-        return z, f, o
+        return z, f, rows
 
     def exp_shifted(self, z: Tensor, shift: Tensor) -> Tensor:
-        """``exp(z - shift)``: into the second buffer, or over ``z`` when there is none."""
-        if self.p is None:
-            return z.sub_(shift[:, None]).exp_()
-        return torch.sub(z, shift[:, None], out=self.p[: z.shape[0]]).exp_()
+        """``exp(max(z - shift, floor))`` (:data:`EXP_FLOOR`): into the second buffer, or over
+        ``z`` when there is none."""
+        out = z.sub_(shift[:, None]) if self.p is None else torch.sub(z, shift[:, None], out=self.p[: z.shape[0]])
+        return out.clamp_(min=self.floor).exp_()
 
     def stats(self, head: Head, block: slice, z: Tensor, topk: int, reads: Reads = Reads()):
         """Statistics of a block's logits (``S``, ``Z``, ``argmax`` None where not read: the
@@ -134,7 +173,10 @@ class TorchBackend(Backend):
     name = "torch"
 
     def _setup(self, head: Head, needs: Needs, two_buffers: bool):
-        op = operand(head, needs, product_dtype(head.x.device, head.x.dtype), config.chunk_budget_bytes)
+        x = head.x
+        f32_output = x.dtype in LOWP_DTYPES and float32_output(x.device.type, x.dtype)
+        op = operand(head, needs, torch.float32 if f32_output else product_dtype(x.device, x.dtype),
+                     group_budget(head, needs), float32_output=f32_output, float32_sums=f32_output)
         return op, Blocks(head, op, two_buffers)
 
     def forward(self, head: Head, topk: int = 0) -> RowStats:
@@ -156,9 +198,9 @@ class TorchBackend(Backend):
 
         def work(group: slice, chunks: list) -> tuple:
             for block in blocks.of(group):
-                z, f, o = blocks.logits(chunks[0], group, block)
+                z, f, rows = blocks.logits(chunks[0], group, block)
                 p = blocks.exp_shifted(z, stats.lse[block])
-                keep(o, blocks.dz(head, block, z, p, f, stats.expected_logit[block], grads.select(block)))
+                op.keep(group, rows, blocks.dz(head, block, z, p, f, stats.expected_logit[block], grads.select(block)))
             return (True,)
 
         run([op], work)
@@ -172,12 +214,13 @@ class TorchBackend(Backend):
 
         def work(group: slice, chunks: list) -> tuple:
             for block in blocks.of(group):
-                z, f, o = blocks.logits(chunks[0], group, block)
+                z, f, rows = blocks.logits(chunks[0], group, block)
                 stats, e, sum_exp = blocks.stats(head, block, z, 0, reads)
                 part = block_loss(block, stats)
                 losses.append(part.loss)
                 if grads:
-                    keep(o, blocks.dz(head, block, z, e, f, stats.expected_logit, part.grads, inv=sum_exp.reciprocal()))
+                    dz = blocks.dz(head, block, z, e, f, stats.expected_logit, part.grads, inv=sum_exp.reciprocal())
+                    op.keep(group, rows, dz)
                 parts.append(stats)
             return (grads,)
 

@@ -3,8 +3,8 @@ engine (:mod:`.engine`), its block math in Triton row kernels (:mod:`sftkey.kern
 the two-head pass's forward and reverse KL rows in Triton (:mod:`sftkey.kernels.pair_rows`);
 ``reduction="none"`` and ``logit_stats`` as ``"triton-fused"`` (:mod:`.triton_fused`).
 
-Rows go in groups within :data:`sftkey.config.chunk_budget_bytes`, on CUDA at least the bytes
-of a float32 ``dW`` (:func:`group_budget`). For each group:
+Rows go in groups as the torch backend's (:func:`.torch.group_budget`: on CUDA at least the
+bytes of a float32 ``dW``, at most a sixteenth of the free memory). For each group:
 
 1. ``o = X_g W^T`` by ``torch.mm`` (cuBLAS on CUDA) into the chunk: float32 from bf16/fp16
    inputs where this torch has float32-output products on the device
@@ -31,10 +31,9 @@ from sftkey.kernels.configs import RowConfig, known_gpu, row_config
 from sftkey.kernels.pair_rows import KL_KINDS, kl_rows
 from sftkey.kernels.rows import row_grads, row_stats
 
-from .. import config
 from .engine import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, run
 from .products import float32_output
-from .torch import operand
+from .torch import group_budget, operand
 from .triton_fused import KERNEL_DTYPES, FusedTritonBackend, check_inputs, or_torch
 
 
@@ -43,15 +42,6 @@ def logits_dtype(x: torch.Tensor) -> torch.dtype:
     float32-output products, else the inputs' dtype."""
     lowp = x.dtype in (torch.bfloat16, torch.float16)
     return torch.float32 if lowp and float32_output(x.device.type, x.dtype) else x.dtype
-
-
-def group_budget(head: Head, needs: Needs) -> int:
-    """Bytes of one group's logits: the chunk budget, and on CUDA, where ``dW`` is formed, at
-    least the float32 ``dW`` buffer's ``4VD``, so that the buffer is rewritten at most
-    ``4NV / (4VD) = N / D`` times and each ``dW`` product sums over ``>= D`` rows (rather than
-    the CPU budget's few dozen). Without ``dW`` (a frozen head, no grad) the budget alone."""
-    budget = config.chunk_budget_bytes
-    return max(budget, head.w.numel() * 4) if head.x.is_cuda and needs.dw else budget
 
 
 class TritonBackend(FusedTritonBackend):

@@ -5,8 +5,9 @@ Triton. The tightest memory (``O(N)`` beyond the gradients' float32 buffers); ``
 scalar loss (the generic single pass: the forward, then the recompute backward).
 
 A head's ``rows`` are gathered first (the kernels read contiguous rows of X). Where the
-kernels cannot run (a GPU of a generation without launch settings, Triton's
-``OutOfResources``) the torch backend runs instead, warned once (:func:`or_torch`).
+kernels cannot run (a GPU of a generation without launch settings; a configuration whose
+launch raised Triton's ``OutOfResources``) the torch backend runs instead, warned once per
+device or configuration (:func:`or_torch`).
 """
 from __future__ import annotations
 
@@ -43,20 +44,31 @@ def check_inputs(head: Head) -> None:
             raise ValueError(f"backend='triton': {name} must be contiguous")
 
 
+def configuration(head: Head, method: str) -> tuple:
+    """What a launch's resources depend on: the method (its kernels), the device, the dtype and
+    the flags that add work to a tile (bias, class weights, soft-cap)."""
+    return (method, str(head.x.device), head.x.dtype, head.b is not None, head.c is not None,
+            head.softcap is not None)
+
+
 def or_torch(method):
-    """Run a backend method, or the torch backend's where the kernels cannot run: on a GPU of an
-    unknown generation, or after Triton's ``OutOfResources``; warned once per backend."""
+    """Run a backend method, or the torch backend's where the kernels cannot run: on a device
+    without launch settings (a GPU of an unknown generation), or for a configuration
+    (:func:`configuration`) whose launch raised Triton's ``OutOfResources``. Each fallback is
+    kept per device or per configuration, and warned once, naming its reason."""
 
     @functools.wraps(method)
     def run(self, head: Head, *args, **kwargs):
-        if self.fallback is None and not known_gpu(head.x.device):
-            self._fall_back(f"no block shapes for {head.x.device}")
-        if self.fallback is None:
+        key = configuration(head, method.__name__)
+        if not known_gpu(head.x.device):
+            self._refuse(str(head.x.device), f"no launch settings for {head.x.device}")
+        elif key not in self.refused:
             try:
                 return method(self, head, *args, **kwargs)
             except OutOfResources as e:
-                self._fall_back(str(e))
-        return getattr(self.fallback, method.__name__)(head, *args, **kwargs)
+                self._refuse(key, f"{e} ({method.__name__} on {key[1]}, {key[2]}, bias/class weights/soft-cap "
+                                  f"{key[3:]})")
+        return getattr(self.torch, method.__name__)(head, *args, **kwargs)
 
     return run
 
@@ -73,11 +85,15 @@ class FusedTritonBackend(Backend):
         self.forward_config = forward_config
         self.backward_config = backward_config
         self.vocab_splits = vocab_splits
-        self.fallback: Optional[Backend] = None
+        #: device or configuration -> why it runs the torch backend (:func:`or_torch`)
+        self.refused: dict = {}
+        self.torch = TorchBackend()
 
-    def _fall_back(self, why: str) -> None:
-        warnings.warn(f"backend={self.name!r}: {why}; using backend='torch' instead", RuntimeWarning, stacklevel=4)
-        self.fallback = TorchBackend()
+    def _refuse(self, key, why: str) -> None:
+        if key not in self.refused:
+            self.refused[key] = why
+            warnings.warn(f"backend={self.name!r}: {why}; using backend='torch' there instead", RuntimeWarning,
+                          stacklevel=4)
 
     def available(self, device: torch.device) -> bool:
         device = torch.device(device)

@@ -22,6 +22,7 @@ b_ref])`` and return a :class:`~sftkey.backends.engine.RowStats`'s tensors in fi
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional, Union
@@ -59,19 +60,44 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: Union[str, Backend], device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend called ``backend``, or ``backend`` itself when it is an instance; ``"auto"``:
-    triton on a CUDA device where it is usable for ``dtype`` inputs, else torch. A
+    """The backend called ``backend``, or ``backend`` itself when it is an instance. ``"auto"``:
+    the triton backend on a CUDA device where it is usable for ``dtype`` inputs and a record
+    says it passed the GPU check on that GPU generation with this Triton and torch
+    (:func:`sftkey.kernels.configs.verified`), else torch (said once per device on CUDA). A
     ``ValueError`` where the backend cannot run on ``device``."""
     if isinstance(backend, Backend):
         chosen = backend
     elif backend == "auto":
-        usable = device.type == "cuda" and dtype in _KERNEL_DTYPES and triton_usable(device)
-        return _load("triton" if usable else "torch")
+        return _load("triton" if device.type == "cuda" and _auto_triton(device, dtype) else "torch")
     else:
         chosen = _load(backend)
     if not chosen.available(device):
         raise ValueError(f"backend={chosen.name!r} cannot run on device {device}")
     return chosen
+
+
+def _auto_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``"auto"`` takes the triton backend on the CUDA ``device`` for ``dtype`` inputs."""
+    if dtype not in _KERNEL_DTYPES:
+        return False
+    return _verified_triton(torch.device(device.type, torch.cuda.current_device() if device.index is None
+                                         else device.index))
+
+
+@lru_cache(maxsize=None)
+def _verified_triton(device: torch.device) -> bool:
+    """Whether the triton backend is usable and verified on ``device``; where not, a warning once."""
+    if not triton_usable(device):
+        why = "Triton is not installed or has no launch settings for this GPU generation"
+    else:
+        from sftkey.kernels.configs import PATHS, RECORDS, verified
+
+        if all(verified(device, path) for path in PATHS):
+            return True
+        why = f"no record in {RECORDS.name} says its kernels passed scripts/gpu-check.sh on this GPU generation"
+    warnings.warn(f"sftkey: backend='auto' runs the torch backend on {torch.cuda.get_device_name(device)}: {why}; "
+                  "pass backend='triton' to run the Triton kernels anyway", RuntimeWarning, stacklevel=5)
+    return False
 
 
 # ---- the operations ---------------------------------------------------------------------------
