@@ -42,7 +42,8 @@ MAX_TOPK = 16
 ROW_ALIGN = 16
 #: float32 slices of a bf16/fp16 W where its products are formed in float32.
 UPCAST_BYTES = 4 << 20
-#: float32 staging of one slice of dW: stays in cache, keeps the products large.
+#: float32 staging of one slice of dW on a CPU: stays in cache, keeps the products large (on
+#: CUDA a slice takes a chunk's bytes: few large products).
 STAGING_BYTES = 2 << 20
 
 
@@ -301,7 +302,8 @@ class Operand:
             if several:
                 self.sum = torch.empty(w.shape, **acc)
             if several != self.upcast:  # native products of several groups, or float32 ones of one
-                self.v_slice = max(ROW_ALIGN, STAGING_BYTES // (D * 4))
+                staging = STAGING_BYTES if x.device.type == "cpu" else max(STAGING_BYTES, self.out.numel() * 4)
+                self.v_slice = max(ROW_ALIGN, staging // (D * 4))
                 self.stage = torch.empty(min(self.v_slice, V), D, **acc)
                 if not self.upcast:
                     self.stage_lo = torch.empty(min(self.v_slice, V), D, dtype=w.dtype, device=w.device)
