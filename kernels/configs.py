@@ -97,6 +97,9 @@ GENERATIONS = {
 }
 
 
+#: The input dtypes the kernels take (no float64).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 #: Whether the kernels run in Triton's interpreter. Read once, at import, as ``triton.jit`` does
 #: when it decorates the kernels (so ``TRITON_INTERPRET=1`` must be set before importing).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")

@@ -27,14 +27,14 @@ from typing import Optional
 
 import torch
 
-from sftkey.kernels.configs import RowConfig, known_gpu, row_config
+from sftkey.kernels.configs import KERNEL_DTYPES, RowConfig, known_gpu, row_config
 from sftkey.kernels.pair_rows import KL_KINDS, kl_rows
 from sftkey.kernels.rows import row_grads, row_stats
 
 from .engine import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, run
 from .products import float32_output
 from .torch import group_budget, operand
-from .triton_fused import KERNEL_DTYPES, FusedTritonBackend, check_inputs, or_torch
+from .triton_fused import FusedTritonBackend, check_inputs, or_torch
 
 
 def logits_dtype(x: torch.Tensor) -> torch.dtype:

@@ -20,15 +20,11 @@ import triton  # noqa: F401  (ImportError here tells the registry that triton is
 from triton.runtime.errors import OutOfResources
 
 from sftkey.kernels.backward import backward
-from sftkey.kernels.configs import INTERPRETED, KernelConfig, default_config, known_gpu
+from sftkey.kernels.configs import INTERPRETED, KERNEL_DTYPES, KernelConfig, default_config, known_gpu
 from sftkey.kernels.forward import forward
 
 from .engine import MAX_TOPK, Backend, Head, Needs, RowStats, StatGrads
 from .torch import TorchBackend
-
-#: The dtypes the kernels take.
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def check_inputs(head: Head) -> None:
     """The kernels' inputs: one dtype of :data:`KERNEL_DTYPES`, contiguous tensors."""

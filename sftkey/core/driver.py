@@ -36,9 +36,6 @@ from .divergence import AnchoredBlock, Divergence, DivergenceBlock
 from .inputs import Prepared
 from .loss import TokenBlockLoss, contributing, denominator, reduce, token_losses
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 # ---- the backend ------------------------------------------------------------------------------
 
 @lru_cache(maxsize=None)
@@ -78,7 +75,9 @@ def resolve_backend(backend: Union[str, Backend], device: torch.device, dtype: t
 
 def _auto_triton(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``"auto"`` takes the triton backend on the CUDA ``device`` for ``dtype`` inputs."""
-    if dtype not in _KERNEL_DTYPES:
+    from sftkey.kernels.configs import KERNEL_DTYPES
+
+    if dtype not in KERNEL_DTYPES:
         return False
     return _verified_triton(torch.device(device.type, torch.cuda.current_device() if device.index is None
                                          else device.index))
