@@ -34,6 +34,7 @@ from transformers import Trainer
 
 from ..core.inputs import flat_targets
 from ..distributed import weight_total
+from ..options import LossOptions
 from .transformers import fused_loss_handle, is_patched, use_fused_loss
 
 __all__ = ["FusedLossMixin", "WEIGHT_COLUMNS"]
@@ -71,14 +72,18 @@ class FusedLossMixin:
         super().__init__(*args, **kwargs)
         from_args = self.args_loss_options()
         self.label_smoother = None  # it would need logits; the fused loss smooths instead
+        loss_options = dict(loss_options or {})
         if not is_patched(self.model):
-            use_fused_loss(self.model, reference_model=reference_model, **{**from_args, **(loss_options or {})})
+            _refuse_differences(from_args, loss_options, "loss_options")
+            use_fused_loss(self.model, reference_model=reference_model, **{**from_args, **loss_options})
         elif reference_model is not None or loss_options:
             raise ValueError("reference_model, loss_options: the model is already patched; pass them to "
                              "use_fused_loss instead")
-        elif from_args:
-            raise ValueError(f"{', '.join(from_args)} from the training arguments: the model is already patched; "
-                             "pass them to use_fused_loss instead")
+        else:
+            defaults = LossOptions()
+            patched = fused_loss_handle(self.model).options
+            _refuse_differences(from_args, {k: patched.get(k, getattr(defaults, k)) for k in from_args},
+                                "the model's use_fused_loss patch")
         self._fused_loss = fused_loss_handle(self.model)
         self._weight_columns = {"train": set(), "eval": set()}
         if not hasattr(self, "_metrics"):
@@ -190,6 +195,16 @@ class FusedLossMixin:
         logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+
+def _refuse_differences(from_args: dict, given: dict, where: str) -> None:
+    """``ValueError`` where ``given`` sets an option that the training arguments set otherwise."""
+    differ = {k: (v, given[k]) for k, v in from_args.items() if k in given and given[k] != v}
+    if differ:
+        raise ValueError(f"{where} set {', '.join(f'{k}={g!r}' for k, (_, g) in differ.items())} where the training "
+                         f"arguments give {', '.join(f'{k}={a!r}' for k, (a, _) in differ.items())}; the logged "
+                         "configuration would not be the loss trained. Set it in the training arguments (loss_type, "
+                         "label_smoothing_factor)")
 
 
 def _weight_columns(dataset) -> set[str]:

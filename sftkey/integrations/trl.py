@@ -27,9 +27,9 @@ chat templates, ``completion_only_loss``, ``assistant_only_loss``, truncation, p
   ``token_weights`` / ``entropy_weights`` columns (one value per token) instead.
   Either way the weights follow TRL's truncation and packing, and a token of weight 0 gets
   label -100 (context only, as :mod:`sftkey.methods.keys` does).
-* Batches: TRL's collator when nothing is weighted; with weights,
-  :class:`sftkey.methods.data.TokenWeightCollator` with TRL's settings (``padding_free``
-  included), which gives TRL's batch plus the weights.
+* Batches: TRL's collator when nothing is weighted; with weights and no collator of the
+  caller's, :class:`sftkey.methods.data.TokenWeightCollator` with TRL's settings
+  (``padding_free`` included), which gives TRL's batch plus the weights.
 * The logged ``entropy`` and ``mean_token_accuracy`` come from the loss's statistics, and
   ``num_tokens`` is counted as TRL counts it; ``evaluate()`` gives ``compute_metrics`` the
   argmax token and the label's log-probability (``FusedLossMixin.prediction_step``).
@@ -70,8 +70,9 @@ class FusedSFTTrainer(FusedLossMixin, SFTTrainer):
                 or not math.isfinite(outside_weight) or outside_weight < 0:
             raise ValueError(f"outside_weight: expected a finite float >= 0, got {outside_weight!r}")
         self.outside_weight = float(outside_weight)
+        given_collator = kwargs.get("data_collator", args[2] if len(args) > 2 else None)
         super().__init__(*args, **kwargs)
-        if any(_weight_columns(d) for d in self._datasets()):
+        if given_collator is None and any(_weight_columns(d) for d in self._datasets()):
             self.data_collator = _weighted_collator(self.data_collator)
 
     def args_loss_options(self) -> dict[str, Any]:
@@ -247,10 +248,11 @@ def _through_trl(trainer: SFTTrainer, tokenized, carried: list[str], processing_
 
 
 def _weighted_collator(collator):
-    """``collator`` where it carries the weight columns; TRL's default collator becomes a
-    :class:`TokenWeightCollator` with its settings (the same batch, plus the weights)."""
+    """TRL's default ``collator`` as a :class:`TokenWeightCollator` with its settings (the same
+    batch, plus the weights). (A collator of the caller's stays: FusedLossMixin refuses
+    batches that lost the weights.)"""
     if not isinstance(collator, DataCollatorForLanguageModeling):
-        return collator  # the caller's own: FusedLossMixin refuses batches that lost the weights
+        return collator  # TRL's vision collator: vision datasets skip the preparation that makes the weights
     if collator.return_position_ids:
         raise ValueError("token weights with TRL's return_position_ids (sequence parallelism) are not supported")
     return _SelectedKeys(TokenWeightCollator(pad_token_id=collator.pad_token_id, padding_side="right",

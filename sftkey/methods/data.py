@@ -38,9 +38,11 @@ class TokenWeightCollator:
     each sequence, where ``labels`` become -100 (a sequence's first token is no target of the
     one before), and the varlen attention arguments ``cu_seq_lens_q`` / ``cu_seq_lens_k``
     (int32 ``[S + 1]``), ``max_length_q`` / ``max_length_k`` and ``seq_idx`` (int32 ``[1,
-    N]``) come with them, as TRL's padding-free collator gives them. A feature holding several
-    packed sequences (TRL's packing) gives their lengths as ``seq_lengths``. The loss and every
-    gradient equal the padded batch's.
+    N]``) come with them, as TRL's padding-free collator gives them, and ``use_cache=False``:
+    transformers builds the block-diagonal mask from the ``position_ids`` only without a cache,
+    and a model called with its config's ``use_cache=True`` would attend across the sequences.
+    A feature holding several packed sequences (TRL's packing) gives their lengths as
+    ``seq_lengths``. The loss and every gradient equal the padded batch's.
     """
 
     pad_token_id: int
@@ -140,6 +142,7 @@ class TokenWeightCollator:
         batch["max_length_q"] = batch["max_length_k"] = int(cu_seq_lens.diff().max()) if length else 0
         batch["seq_idx"] = torch.repeat_interleave(torch.arange(len(starts), dtype=torch.int32),
                                                    cu_seq_lens.diff())[None]
+        batch["use_cache"] = False
         return batch
 
     def _pad(self, rows: list[torch.Tensor], length: int, value, dtype: torch.dtype) -> torch.Tensor:
