@@ -108,15 +108,19 @@ class FusedLossMixin:
                 f"{', '.join(missing)}: the dataset's features have it but the batch does not, so the loss would "
                 "ignore it. Trainer's remove_unused_columns or the data collator dropped it: pass "
                 "remove_unused_columns=False and data_collator=sftkey.methods.data.TokenWeightCollator(...)")
-        # Trainer's own compute_loss (not TRL's): the model's loss; num_items_in_batch (the weighted
-        # denominator, see _get_num_items_in_batch) is the loss's normalizer and scales it across ranks
+        # num_items_in_batch (the weighted denominator, see _get_num_items_in_batch) is the loss's
+        # normalizer, and Trainer's compute_loss scales the loss across ranks by it
         inputs = {**inputs, "return_stats": True}
         if num_items_in_batch is not None:
             inputs["normalizer"] = num_items_in_batch
-        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        loss, outputs = self.model_loss(model, inputs, num_items_in_batch)
         self._record_stats(outputs["stats"], inputs, mode)
         return (loss, outputs) if return_outputs else loss
+
+    def model_loss(self, model, inputs: dict, num_items_in_batch):
+        """``(loss, outputs)`` of the patched model on ``inputs``: ``Trainer``'s own ``compute_loss``
+        (a trainer whose ``compute_loss`` prepares inputs around it may call that one instead)."""
+        return Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """``(loss, predictions, labels)`` of one evaluation batch, without logits.
