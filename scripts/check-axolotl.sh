@@ -18,5 +18,6 @@ fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e .
 export AXOLOTL_DO_NOT_TRACK=1   # without it the process hangs at exit on its telemetry
 export TRL_EXPERIMENTAL_SILENCE=1
-lscpu | sed -n 's/^Model name: *//p' | sed 's/^/check-axolotl: cpu /'
+echo "check-axolotl: cpu $(lscpu | sed -n 's/^Model name: *//p'), family $(lscpu | sed -n 's/^CPU family: *//p')" \
+     "model $(lscpu | sed -n 's/^Model: *//p'), $(nproc) cores"
 "$VENV/bin/python" scripts/check_axolotl.py "$@"
