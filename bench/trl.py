@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -118,8 +119,10 @@ def main(argv=None) -> int:
     meta = {"device": device_name(torch.device("cpu")), "cpu": cpu_info(), "commit": git_commit(),
             "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "versions": {p: package_version(p) for p in ("torch", "transformers", "trl", "accelerate", "datasets")},
-            "settings": {k: getattr(args, k) for k in ("hidden", "layers", "seq", "batch", "steps", "threads")}}
-    print(f"bench.trl: {meta['device']}\nversions: {meta['versions']}\nsettings: {meta['settings']}")
+            "settings": {k: getattr(args, k) for k in ("hidden", "layers", "seq", "batch", "steps", "threads")},
+            "load_average_start": os.getloadavg()[0]}  # other work on the machine shows here
+    print(f"bench.trl: {meta['device']}\nversions: {meta['versions']}\nsettings: {meta['settings']}\n"
+          f"load average: {meta['load_average_start']:.2f}")
     results = []
     for vocab in args.vocab:
         for name in TRAINERS:
@@ -130,6 +133,7 @@ def main(argv=None) -> int:
                 print(proc.stdout[-2000:], proc.stderr[-4000:])
                 return 1
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    meta["load_average_end"] = os.getloadavg()[0]
     rows = []
     for vocab in args.vocab:
         theirs, ours = (next(r for r in results if r["vocab"] == vocab and r["trainer"] == t) for t in TRAINERS)
@@ -143,12 +147,14 @@ def main(argv=None) -> int:
     table += [f"| {r['vocab']} | {r['loss_trl']:.7f} | {r['loss_sftkey']:.7f} | {r['max_rel_loss_diff']:.1e} | "
               f"{r['peak_mib_trl']:.0f} | {r['peak_mib_sftkey']:.0f} | {r['step_s_trl']:.3f} | "
               f"{r['step_s_sftkey']:.3f} |" for r in rows]
-    print("\n".join(table))
+    print("\n".join(table) + f"\nload average at the end: {meta['load_average_end']:.2f}")
     name = f"{datetime.now():%Y%m%d-%H%M%S}-trl-{device_slug(torch.device('cpu'))}"
     out = ROOT / "bench" / "results"
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1))
     (out / f"{name}.md").write_text(f"# TRL's SFTTrainer (its chunked NLL) vs FusedSFTTrainer\n\n{meta['device']}; "
-                                    f"versions {meta['versions']}; commit {meta['commit']}; {meta['date']}\n\n"
+                                    f"versions {meta['versions']}; commit {meta['commit']}; {meta['date']}; load average "
+                                    f"{meta['load_average_start']:.2f} at the start, {meta['load_average_end']:.2f} "
+                                    "at the end\n\n"
                                     f"Settings: {meta['settings']}\n\n" + "\n".join(table) + "\n")
     print(f"wrote bench/results/{name}.json, .md")
     return 0 if all(r["max_rel_loss_diff"] <= 1e-6 for r in rows) else 2

@@ -143,6 +143,7 @@ def test_a_hand_composed_mixin_refuses_trl_loss_type(tokenizer, tmp_path):
     (dict(loss_type="dft", label_smoothing_factor=0.1), {}, "label_smoothing_factor with loss_type='dft'"),
     ({}, dict(compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss), "compute_loss_func"),
     ({}, dict(loss_options={"dft": True}), "loss_options"),
+    (dict(loss_type="sigmoid"), {}, "loss_type"),
 ])
 def test_settings_whose_loss_differs_from_trl_are_refused_at_construction(tokenizer, tmp_path, options, kwargs, match):
     with pytest.warns() if "compute_loss_func" in kwargs else _no_context():
