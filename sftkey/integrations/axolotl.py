@@ -41,7 +41,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, model_validator
 
-from ..integrations.trainer import WEIGHT_COLUMNS, FusedLossMixin
+from .trainer import WEIGHT_COLUMNS, FusedLossMixin
 from ..methods.data import TokenWeightCollator
 from ..methods.presets import ASFT_KL_WEIGHT
 
@@ -170,7 +170,10 @@ class _AxolotlTokenWeightCollator:
         self.keys = ("input_ids", "attention_mask", "labels", *WEIGHT_COLUMNS)
 
     def __call__(self, features):
-        extra = sorted(set(features[0]) - set(self.keys) - {"length"})
+        if "token_weights" not in features[0]:
+            raise ValueError("sftkey_token_weights: true, but the dataset has no token_weights column; give a "
+                             "pre-tokenized dataset with one, or remove sftkey_token_weights")
+        extra = sorted(set(features[0]) - set(self.keys) - {"length"})  # length: Axolotl's, for its samplers
         if extra:
             raise ValueError(f"sftkey_token_weights: the batch's features have {extra}, which TokenWeightCollator "
                              "does not collate; give a pre-tokenized dataset of input_ids, attention_mask, labels "
