@@ -279,3 +279,30 @@ def test_spans_that_do_not_fit_the_response_are_refused(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"span \[5.*not a character range"):
         FusedSFTTrainer(model=_model(tokenizer), args=_config(tmp_path), processing_class=tokenizer,
                         train_dataset=datasets.Dataset.from_list(rows))
+
+
+def test_evaluate_with_compute_metrics_on_prepared_eval_data(tokenizer, tmp_path):
+    """evaluate() prepares the eval data with TRL's pipeline and the spans, and hands compute_metrics
+    the argmax token and the label's log-probability (no logits); its loss is the weighted mean."""
+    seen = []
+
+    def compute_metrics(prediction):
+        predicted, logprob = prediction.predictions
+        seen.append((predicted.shape, logprob.shape, prediction.label_ids.shape))
+        return {"logprob_sum": float(logprob.sum())}
+
+    rows = _rows("conversational", n=6, spans=True)
+    model = _model(tokenizer)
+    trainer = FusedSFTTrainer(model=model, args=_config(tmp_path, per_device_eval_batch_size=6),
+                              processing_class=tokenizer, outside_weight=0.5, compute_metrics=compute_metrics,
+                              train_dataset=datasets.Dataset.from_list(rows),
+                              eval_dataset=datasets.Dataset.from_list(rows))
+    metrics = trainer.evaluate()
+    (shapes,) = seen
+    assert shapes[0] == shapes[1] == shapes[2]
+    batch = next(iter(trainer.get_eval_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        want = model(**{k: v for k, v in batch.items()}).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-6)
+    assert {"eval_entropy", "eval_mean_token_accuracy", "eval_logprob_sum"} <= set(metrics)

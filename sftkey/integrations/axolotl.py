@@ -173,7 +173,7 @@ class _AxolotlTokenWeightCollator:
         if "token_weights" not in features[0]:
             raise ValueError("sftkey_token_weights: true, but the dataset has no token_weights column; give a "
                              "pre-tokenized dataset with one, or remove sftkey_token_weights")
-        extra = sorted(set(features[0]) - set(self.keys) - {"length"})  # length: Axolotl's, for its samplers
+        extra = sorted(set(features[0]) - set(self.keys) - {"length"})  # length: for Axolotl's samplers
         if extra:
             raise ValueError(f"sftkey_token_weights: the batch's features have {extra}, which TokenWeightCollator "
                              "does not collate; give a pre-tokenized dataset of input_ids, attention_mask, labels "
