@@ -269,7 +269,7 @@ def test_torch_compile_of_a_patched_model_matches_without_graph_breaks():
     ids, mask, labels = make_batch()
     weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5))
     kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, token_weights=weights,
-                  num_items_in_batch=torch.tensor(9.5))
+                  normalizer=torch.tensor(9.5))
     use_fused_loss(model)
     want = _call_and_grads(model, model, **kwargs)  # eager; also measures the logit scale
     torch._dynamo.reset()
