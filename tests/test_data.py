@@ -99,3 +99,92 @@ def test_constructor_validation(kwargs, error, match):
 def test_call_validation(features, match):
     with pytest.raises(ValueError, match=match):
         TokenWeightCollator(0)(features)
+
+
+def _flat_features(seed=0, lengths=(5, 9, 7)):
+    g = torch.Generator().manual_seed(seed)
+    features = []
+    for n in lengths:
+        ids = torch.randint(3, 50, (n,), generator=g).tolist()
+        labels = [-100] * 2 + ids[2:]
+        features.append({"input_ids": ids, "labels": labels, "token_weights": torch.rand(n, generator=g).tolist(),
+                         "entropy_weights": (0.1 * torch.rand(n, generator=g)).tolist()})
+    return features
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+@pytest.mark.parametrize("packed", [False, True], ids=["sequences", "packed-rows"])
+def test_padding_free_batch_is_trls_batch_plus_the_weights(multiple, packed):
+    """TokenWeightCollator(padding_free=True) gives TRL's padding-free batch key for key (ids,
+    labels, position_ids, the varlen arguments), plus the weights; padded, TRL's padded batch."""
+    trl = pytest.importorskip("trl")
+    features = _flat_features()
+    if packed:  # TRL's packing: rows of several sequences with their seq_lengths
+        features = [{k: features[0][k] + features[1][k] for k in features[0]} | {"seq_lengths": [5, 9]},
+                    features[2] | {"seq_lengths": [7]}]
+    theirs = trl.trainer.sft_trainer.DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True,
+                                                                     pad_to_multiple_of=multiple)
+    want = theirs([{k: f[k] for k in ("input_ids", "labels", "seq_lengths") if k in f} for f in features])
+    got = TokenWeightCollator(0, padding_free=True, pad_to_multiple_of=multiple)(features)
+    assert set(got) == set(want) | {"token_weights", "entropy_weights", "use_cache"} and got["use_cache"] is False
+    for key, value in want.items():
+        assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value, key
+    flat = [w for f in features for w in f["token_weights"]]
+    assert got["token_weights"][0, :len(flat)].tolist() == pytest.approx(flat)
+    if not packed:
+        padded_theirs = trl.trainer.sft_trainer.DataCollatorForLanguageModeling(pad_token_id=0)(
+            [{k: f[k] for k in ("input_ids", "labels")} for f in features])
+        padded = TokenWeightCollator(0)(features)
+        assert all(torch.equal(padded[k], v) for k, v in padded_theirs.items())
+
+
+def test_padding_free_batch_equals_the_padded_batch_in_loss_and_every_gradient():
+    """Token and entropy weights flattened with the sequences: a patched Llama's loss and every
+    gradient equal the padded batch's (the normalizer of the step given, as the mixin gives it),
+    while transformers' DataCollatorWithFlattening would have dropped the weights."""
+    transformers = pytest.importorskip("transformers")
+    from sftkey.integrations.transformers import use_fused_loss
+
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    use_fused_loss(model)
+    features = _flat_features()
+    results = []
+    for batch in (TokenWeightCollator(0)(features), TokenWeightCollator(0, padding_free=True)(features)):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, normalizer=torch.tensor(4.0)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (padded_loss, padded_grads), (flat_loss, flat_grads) = results
+    torch.testing.assert_close(flat_loss, padded_loss, rtol=1e-6, atol=1e-7)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(flat_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    hf = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
+    assert "token_weights" not in hf
+    flat = TokenWeightCollator(0, padding_free=True)(features)
+    assert all(torch.equal(flat[k], hf[k]) for k in ("input_ids", "labels", "position_ids"))
+
+
+@pytest.mark.parametrize("features, match", [
+    ([{"input_ids": [1, 2], "attention_mask": [1, 0]}], r"attention_mask'\]: has zeros"),
+    ([{"input_ids": [1, 2, 3], "seq_lengths": [1, 1]}], r"seq_lengths'\]: \[1, 1\] do not split its 3 tokens"),
+])
+def test_padding_free_validation(features, match):
+    with pytest.raises(ValueError, match=match):
+        TokenWeightCollator(0, padding_free=True)(features)
+    with pytest.raises(ValueError, match="padding_free"):
+        TokenWeightCollator(0)([{"input_ids": [1], "seq_lengths": [1]}])
+
+
+def test_weight_spans_of_tokens():
+    from sftkey.methods.data import check_spans, key_weight_spans, span_weights
+
+    assert span_weights([(0, 2), (2, 5), (5, 5), (5, 9)], [(3, 6, 1.0), (8, 9, 0.5)], 0.1) == [0.1, 1.0, 0.1, 1.0]
+    assert key_weight_spans("so <Answer> 42 </Answer>", key_weight=2.0) == [[12, 14, 2.0]]
+    assert key_weight_spans("no key here") == []
+    assert check_spans([[0.0, 3.0, 1]], 3, "x") == [(0, 3, 1.0)]
+    for bad in ([[2, 1, 1.0]], [[0, 4, 1.0]], [[0, 1, -1.0]], [[0.5, 1, 1.0]], [[0, 1]], "0:1"):
+        with pytest.raises(ValueError, match="x: "):
+            check_spans(bad, 3, "x")

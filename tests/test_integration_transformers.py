@@ -118,6 +118,26 @@ def test_token_weights_pass_through_model_kwargs():
     assert not torch.isclose(direct.loss, out.loss)
 
 
+def test_weighted_call_takes_its_normalizer_and_refuses_a_count():
+    """num_items_in_batch is Trainer's count of labelled tokens: the divisor of an unweighted call
+    only. A weighted call divides by its normalizer, and refuses a count without one."""
+    model = make_model("llama")
+    ids, mask, labels = make_batch()
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(4))
+    use_fused_loss(model)
+    summed = model(input_ids=ids, attention_mask=mask, labels=labels, token_weights=weights).loss
+    total = (weights[:, 1:] * (labels[:, 1:] != -100)).sum()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, token_weights=weights, normalizer=2 * total,
+                num_items_in_batch=torch.tensor(13))
+    torch.testing.assert_close(out.loss, summed / 2)
+    with pytest.raises(ValueError, match="token_weights with num_items_in_batch and no normalizer.*FusedLossMixin"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, token_weights=weights,
+              num_items_in_batch=torch.tensor(13))
+    with pytest.raises(ValueError, match="class_weights with num_items_in_batch"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, class_weights=torch.rand(V),
+              num_items_in_batch=torch.tensor(13))
+
+
 def test_patch_time_defaults_and_per_call_override():
     model = make_model("llama")
     ids, mask, labels = make_batch()
@@ -167,7 +187,8 @@ def test_signature_lists_loss_options_for_trainer_column_filtering():
     model = make_model("llama")
     use_fused_loss(model)
     params = inspect.signature(model.forward).parameters
-    for name in ("input_ids", "labels", "token_weights", "entropy_weights", "num_items_in_batch", "kwargs"):
+    for name in ("input_ids", "labels", "token_weights", "entropy_weights", "normalizer", "num_items_in_batch",
+                 "kwargs"):
         assert name in params
     assert "self" not in params
 
@@ -248,7 +269,7 @@ def test_torch_compile_of_a_patched_model_matches_without_graph_breaks():
     ids, mask, labels = make_batch()
     weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5))
     kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, token_weights=weights,
-                  num_items_in_batch=torch.tensor(9.5))
+                  normalizer=torch.tensor(9.5))
     use_fused_loss(model)
     want = _call_and_grads(model, model, **kwargs)  # eager; also measures the logit scale
     torch._dynamo.reset()

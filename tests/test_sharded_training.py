@@ -60,7 +60,7 @@ def _all_batches():
 def _step(call, ids, labels, weights):
     """One loss and backward with the normalizer of the global weighted mean."""
     norm = global_normalizer(labels, token_weights=weights, shift=True)
-    out = call(input_ids=ids, labels=labels, token_weights=weights, num_items_in_batch=norm)
+    out = call(input_ids=ids, labels=labels, token_weights=weights, normalizer=norm)
     return out.loss
 
 

@@ -87,31 +87,25 @@ def test_loss_equals_the_plain_trainer_with_gradient_accumulation(setup, tmp_pat
 
 
 def _trl_config(tmp_path, **overrides):
+    """TRL's low-level route: pre-tokenized features, TRL's preparation skipped."""
     trl = pytest.importorskip("trl")
-    options = dict(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_steps=2,
-                   logging_steps=1, per_device_train_batch_size=8, report_to=[], use_cpu=True, disable_tqdm=True,
-                   bf16=False, save_strategy="no")
+    options = dict(dataset_kwargs={"skip_prepare_dataset": True}, max_steps=2, logging_steps=1,
+                   per_device_train_batch_size=8, report_to=[], use_cpu=True, disable_tqdm=True, bf16=False,
+                   save_strategy="no")
     return trl.SFTConfig(str(tmp_path), **{**options, **overrides})
 
 
-def _fused_sft_trainer():
-    """TRL's ``SFTTrainer`` with :class:`FusedLossMixin` in front."""
-    trl = pytest.importorskip("trl")
-    from sftkey.methods.trainer import FusedLossMixin
-
-    class FusedSFTTrainer(FusedLossMixin, trl.SFTTrainer):
-        pass
-
-    return FusedSFTTrainer
-
-
-def test_trl_sft_trainer_with_the_mixin_trains_on_token_weights(setup, tmp_path):
+def test_trl_low_level_route_trains_on_token_weights(setup, tmp_path):
+    """FusedSFTTrainer on pre-tokenized features with TRL's preparation skipped: the loss is the
+    weighted mean of the model's own cross-entropy, and training logs TRL's metrics."""
     datasets = pytest.importorskip("datasets")
+    from sftkey.integrations.trl import FusedSFTTrainer
+
     tokenizer, _, stage2, collator = setup
     model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
     config = _trl_config(tmp_path, max_steps=4, logging_steps=2)
-    trainer = _fused_sft_trainer()(model=model, args=config, processing_class=tokenizer, data_collator=collator,
-                                   train_dataset=datasets.Dataset.from_list(stage2[:32]))
+    trainer = FusedSFTTrainer(model=model, args=config, processing_class=tokenizer, data_collator=collator,
+                              train_dataset=datasets.Dataset.from_list(stage2[:32]))
     batch = collator(stage2[:8])
     batch["token_weights"] = batch["token_weights"] * torch.rand(batch["token_weights"].shape)
     with torch.no_grad():
@@ -122,7 +116,7 @@ def test_trl_sft_trainer_with_the_mixin_trains_on_token_weights(setup, tmp_path)
     torch.testing.assert_close(loss, (ce * a).sum() / a[y != -100].sum())
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 2 and all("entropy" in h and "mean_token_accuracy" in h for h in logs)
+    assert len(logs) == 2 and all({"entropy", "mean_token_accuracy", "num_tokens"} <= set(h) for h in logs)
 
 
 class _Grads(transformers.TrainerCallback):
@@ -135,20 +129,39 @@ class _Grads(transformers.TrainerCallback):
         self.steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def test_weighted_mean_under_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
-    """3 micro-batches of 4 weighted sequences: the step's loss and every gradient are those
-    of the 12 sequences' weighted mean, and evaluate() on them reports the same loss."""
-    tokenizer, _, _, collator = setup
+def _weighted_features(tokenizer):
     problems = arithmetic.make_problems(12, seed=7)
     examples = [{"prompt": p["prompt"], "response": p["response"]} for p in problems]
-    features, _ = keys.build_features(tokenizer, examples, stage=2, cot_weight=0.1)
+    return keys.build_features(tokenizer, examples, stage=2, cot_weight=0.1)[0]
+
+
+@pytest.mark.parametrize("kind", ["SFTKeyTrainer", "FusedSFTTrainer"])
+def test_weighted_mean_under_gradient_accumulation_equals_one_big_batch(setup, tmp_path, kind):
+    """3 micro-batches of 4 weighted sequences: the step's loss and every gradient are those
+    of the 12 sequences' weighted mean, and evaluate() on them reports the same loss: one
+    weighted mean under sftkey's trainer, TRL's (its pipeline carrying the token_weights
+    column) and model(**batch)."""
+    tokenizer, _, _, collator = setup
+    features = _weighted_features(tokenizer)
     model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
     twin = copy.deepcopy(model)
     grads = _Grads()
-    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3, max_steps=1,
-                 learning_rate=0.0, optim="sgd", max_grad_norm=0.0, per_device_eval_batch_size=12)
-    trainer = SFTKeyTrainer(model=model, args=args, train_dataset=features, eval_dataset=features,
-                            data_collator=collator, callbacks=[grads])
+    options = dict(per_device_train_batch_size=4, gradient_accumulation_steps=3, max_steps=1, learning_rate=0.0,
+                   optim="sgd", max_grad_norm=0.0, per_device_eval_batch_size=12)
+    if kind == "SFTKeyTrainer":
+        trainer = SFTKeyTrainer(model=model, args=_args(tmp_path, **options), train_dataset=features,
+                                eval_dataset=features, data_collator=collator, callbacks=[grads])
+    else:
+        datasets = pytest.importorskip("datasets")
+        trl = pytest.importorskip("trl")
+        from sftkey.integrations.trl import FusedSFTTrainer
+
+        config = trl.SFTConfig(str(tmp_path), **options, report_to=[], use_cpu=True, disable_tqdm=True, bf16=False,
+                               save_strategy="no")
+        data = datasets.Dataset.from_list([{k: f[k] for k in ("input_ids", "labels", "token_weights")}
+                                           for f in features])
+        trainer = FusedSFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=data,
+                                  eval_dataset=data, callbacks=[grads])
     out = trainer.train()
 
     batch = collator(features)  # right padding: the padded positions change nothing
@@ -249,7 +262,7 @@ def test_trainer_torch_compile_trains_like_eager(setup, tmp_path):
 
 def test_trl_sft_trainer_refuses_to_bypass_a_patched_model(setup, tmp_path):
     """TRL's SFTTrainer puts its own fused LM head over the patch; training then raises
-    (naming FusedLossMixin) instead of training on TRL's plain NLL, and a call with
+    (naming FusedSFTTrainer) instead of training on TRL's plain NLL, and a call with
     fused_lm_head=True of a model whose outermost forward is the patch raises too."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
@@ -258,7 +271,7 @@ def test_trl_sft_trainer_refuses_to_bypass_a_patched_model(setup, tmp_path):
     use_fused_loss(model, dft=True)
     trainer = trl.SFTTrainer(model=model, args=_trl_config(tmp_path), processing_class=tokenizer,
                              data_collator=collator, train_dataset=datasets.Dataset.from_list(stage2[:16]))
-    with pytest.raises(ValueError, match="FusedLossMixin"):
+    with pytest.raises(ValueError, match="FusedSFTTrainer"):
         trainer.train()
     batch = collator(stage2[:4])
     with torch.no_grad():  # calls that go through the patch still work under TRL's head
@@ -272,16 +285,62 @@ def test_trl_sft_trainer_refuses_to_bypass_a_patched_model(setup, tmp_path):
         late(**batch, fused_lm_head=True)
 
 
-@pytest.mark.parametrize("dropped_by", ["remove_unused_columns", "trl_collator"])
-def test_mixin_refuses_batches_without_the_features_token_weights(setup, tmp_path, dropped_by):
+def test_trl_keeps_the_weight_columns_and_refuses_a_collator_that_drops_them(setup, tmp_path):
+    """remove_unused_columns keeps token_weights (FusedSFTTrainer lists them as model inputs); a
+    collator of the caller's that drops them makes the first step raise."""
     datasets = pytest.importorskip("datasets")
-    tokenizer, _, stage2, collator = setup
-    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
-    if dropped_by == "remove_unused_columns":
-        config, kwargs = _trl_config(tmp_path, remove_unused_columns=True), dict(data_collator=collator)
-    else:
-        config, kwargs = _trl_config(tmp_path), {}
-    trainer = _fused_sft_trainer()(model=model, args=config, processing_class=tokenizer,
-                                   train_dataset=datasets.Dataset.from_list(stage2[:16]), **kwargs)
+    trl = pytest.importorskip("trl")
+    from sftkey.integrations.trl import FusedSFTTrainer
+
+    tokenizer, _, stage2, _ = setup
+    data = datasets.Dataset.from_list(stage2[:16])
+    kept = FusedSFTTrainer(model=arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0),
+                           args=_trl_config(tmp_path, remove_unused_columns=True), processing_class=tokenizer,
+                           train_dataset=data)
+    assert "token_weights" in next(iter(kept.get_train_dataloader()))
+    dropping = trl.trainer.sft_trainer.DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    trainer = FusedSFTTrainer(model=arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0),
+                              args=_trl_config(tmp_path), processing_class=tokenizer, train_dataset=data,
+                              data_collator=dropping)
     with pytest.raises(ValueError, match="token_weights: the dataset's features have it"):
         trainer.train()
+
+
+def test_plain_trainer_refuses_weighted_batches(setup, tmp_path):
+    """A plain Trainer divides by its count of labelled tokens, not by the weights' sum: the
+    patched model refuses the weighted batch, naming the mixin, instead of training at another scale."""
+    tokenizer, _, _, collator = setup
+    features = _weighted_features(tokenizer)
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    use_fused_loss(model)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1, per_device_train_batch_size=4),
+                                   train_dataset=features, data_collator=collator)
+    with pytest.raises(ValueError, match="FusedLossMixin"):
+        trainer.train()
+    unweighted = [{k: v for k, v in f.items() if k != "token_weights"} for f in features]
+    transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1, per_device_train_batch_size=4),
+                         train_dataset=unweighted, data_collator=collator).train()  # counts are right without weights
+
+
+def test_plain_trainer_evaluate_with_compute_metrics_refuses_by_name(setup, tmp_path):
+    """A patched model returns no logits with labels: a plain Trainer's evaluate() with
+    compute_metrics (and predict()) raises naming the mixin; without compute_metrics it evaluates."""
+    tokenizer, stage1, _, collator = setup
+    features = [{k: v for k, v in f.items() if k != "token_weights"} for f in stage1[:8]]
+    model = arithmetic.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    use_fused_loss(model)
+
+    def compute_metrics(prediction):
+        return {"token_accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    args = _args(tmp_path, per_device_eval_batch_size=8)
+    trainer = transformers.Trainer(model=model, args=args, eval_dataset=features, data_collator=collator,
+                                   compute_metrics=compute_metrics)
+    with pytest.raises(ValueError, match="FusedLossMixin"):
+        trainer.evaluate()
+    with pytest.raises(ValueError, match="FusedLossMixin"):
+        trainer.predict(features)
+    plain = transformers.Trainer(model=model, args=args, eval_dataset=features, data_collator=collator)
+    with torch.no_grad():
+        want = model(**collator(features)).loss.item()
+    assert plain.evaluate()["eval_loss"] == pytest.approx(want, rel=1e-6)

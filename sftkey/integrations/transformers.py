@@ -32,7 +32,12 @@ final hidden states, and keeps the model's conventions:
   does to the probe on the first labelled call, checked against a second probe value, and
   folded into the hidden states and bias. A post-processing that is not a scale (after
   the config's soft-cap) raises ``NotImplementedError`` instead of training on a wrong loss;
-* ``num_items_in_batch`` (``Trainer``'s gradient-accumulation count) becomes ``normalizer``;
+* the ``"mean"`` divisor: a call's ``normalizer`` (the sum of the weights over the
+  accumulation window, as :class:`~sftkey.integrations.trainer.FusedLossMixin` passes it), else
+  ``num_items_in_batch`` (``Trainer``'s count of labelled tokens over the window) for a call
+  without ``token_weights`` or ``class_weights``. A weighted call with ``num_items_in_batch``
+  and no ``normalizer`` (a plain ``Trainer``'s) raises ``ValueError``: a count is not the
+  weighted mean's divisor, and the window's weight sum is known to the trainer only;
 * an MoE model's ``aux_loss`` is added with its ``router_aux_loss_coef``, as its forward does;
 * PEFT models: the base model is patched, so LoRA on the body trains as usual and
   ``modules_to_save=["lm_head"]`` trains the head's copy. An adapter *on* the LM head
@@ -58,10 +63,16 @@ reference raises ``NotImplementedError``); put it in ``eval()`` mode yourself.
 Patch the model itself, before wrapping it in DDP/FSDP. The forward's signature lists the
 loss options, so ``Trainer(remove_unused_columns=True)`` keeps a ``token_weights`` column.
 
+A labelled call returns no logits, so a plain ``Trainer``'s ``evaluate()`` with
+``compute_metrics`` (and ``predict()``) would hand the metrics empty predictions; a labelled
+call inside ``transformers.Trainer.prediction_step`` that asks for predictions raises a
+``ValueError`` naming :class:`~sftkey.integrations.trainer.FusedLossMixin`, whose
+``prediction_step`` gives the argmax token and the label's log-probability instead.
+
 TRL's ``add_fused_lm_head`` (which ``SFTTrainer`` applies) replaces the patched forward and
 computes the plain NLL itself. A patched model then refuses to run its backbone outside the
 patched forward, and refuses ``fused_lm_head=True``, each with a ``ValueError`` naming
-:class:`sftkey.methods.trainer.FusedLossMixin`, with which ``SFTTrainer`` trains on sftkey's loss.
+:class:`sftkey.integrations.trl.FusedSFTTrainer`, TRL's trainer on sftkey's loss.
 """
 from __future__ import annotations
 
@@ -69,6 +80,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import sys
 import types
 from typing import Optional
 
@@ -89,15 +101,18 @@ __all__ = ["use_fused_loss", "is_patched", "fused_loss_handle", "FusedLossHandle
 #: options (:class:`sftkey.LossOptions`) but those the model itself sets (the label shift,
 #: its soft-cap, the Trainer's normalizer, the mean reduction).
 LOSS_OPTIONS = tuple(n for n in LossOptions.names() if n not in ("shift", "softcap", "normalizer", "reduction", "anchor"))
-_EXTRA_KWARGS = (*LOSS_OPTIONS, "shift_labels", "num_items_in_batch")
+_EXTRA_KWARGS = (*LOSS_OPTIONS, "shift_labels", "normalizer", "num_items_in_batch")
+_WEIGHTING = ("token_weights", "class_weights")  # the options that make the "mean" divisor a weight sum
 _PER_TOKEN = ("token_weights", "entropy_weights")
 _PROBE = (1.0, -3.0)
 _MISSING = object()
 _ATTR = "_sftkey_fused_loss"  # the model's handle; wrappers of the forward (accelerate's autocast) keep it
 _HEAD_ATTR = "_sftkey_fused_loss_head"  # the same handle, on the LM head
 _TRL_ADVICE = ("TRL's fused LM head (fused_lm_head=True) computes the plain NLL from its own log-probabilities, "
-               "without sftkey's options and token weights. With TRL's SFTTrainer, put "
-               "sftkey.methods.trainer.FusedLossMixin in front of it: class FusedSFTTrainer(FusedLossMixin, SFTTrainer)")
+               "without sftkey's options and token weights. Train with sftkey.integrations.trl.FusedSFTTrainer "
+               "instead of SFTTrainer: TRL's data pipeline with sftkey's loss")
+_MIXIN = ("sftkey.integrations.trainer.FusedLossMixin (sftkey.methods.trainer.SFTKeyTrainer, or "
+          "sftkey.integrations.trl.FusedSFTTrainer for TRL)")
 
 
 def use_fused_loss(model: nn.Module, reference_model: Optional[nn.Module] = None, **options) -> "FusedLossHandle":
@@ -215,12 +230,15 @@ class FusedLossHandle:
         given = [k for k in _PER_TOKEN if kwargs.get(k) is not None]
         for name in ("labels", "shift_labels", *LOSS_OPTIONS):
             kwargs.pop(name, None)
-        normalizer = kwargs.pop("num_items_in_batch", None)
+        normalizer, count = kwargs.pop("normalizer", None), kwargs.pop("num_items_in_batch", None)
         if found is None:
             if given:
                 raise ValueError(f"{', '.join(given)} given without labels: there is no loss to weight")
             return self._call_original(model, *args, **kwargs)
         targets, shift, options = found
+        normalizer = _mean_divisor(normalizer, count, options)
+        if not torch.is_grad_enabled():
+            _refuse_trainer_predictions(model)
 
         _refuse_adapter(model.get_output_embeddings())  # one put on the head after patching
         return_dict = kwargs.pop("return_dict", None)
@@ -310,6 +328,43 @@ class FusedLossHandle:
         return 1.0 if math.isclose(scale, 1.0, rel_tol=1e-6) else scale
 
 
+def _mean_divisor(normalizer, count, options: dict):
+    """The ``"mean"`` divisor of a labelled call: ``normalizer`` as given, else Trainer's
+    ``num_items_in_batch`` ``count`` (labelled tokens) where nothing weights the tokens (None:
+    the loss's own ``sum_i a_i w_{y_i}``)."""
+    if normalizer is not None or count is None:
+        return normalizer
+    weighting = [k for k in _WEIGHTING if options.get(k) is not None]
+    if weighting:
+        raise ValueError(
+            f"use_fused_loss: {', '.join(weighting)} with num_items_in_batch and no normalizer. Trainer's "
+            "num_items_in_batch counts the labelled tokens; the weighted mean divides by the sum of the weights over "
+            "the accumulation window, which only the trainer sees, so the loss would change scale. Train with "
+            f"{_MIXIN}, which passes that sum as normalizer; in a loop of your own, pass normalizer= "
+            "(sftkey.distributed.weight_total, or global_normalizer across ranks)")
+    return count
+
+
+@torch.compiler.disable
+def _refuse_trainer_predictions(model: nn.Module) -> None:
+    """Raise where ``transformers.Trainer.prediction_step`` (its own code, not an override's)
+    called the patched model for predictions: it would hand ``compute_metrics`` an empty tuple."""
+    trainer = sys.modules.get("transformers.trainer")
+    step = getattr(getattr(getattr(trainer, "Trainer", None), "prediction_step", None), "__code__", None)
+    frame = sys._getframe(1)
+    while step is not None and frame is not None:
+        if frame.f_code is step:
+            if not frame.f_locals.get("prediction_loss_only", True):
+                raise ValueError(
+                    f"use_fused_loss: Trainer.prediction_step (evaluate() with compute_metrics, or predict()) asked "
+                    f"{type(model).__name__} for logits, and a patched model returns none with labels, so "
+                    f"compute_metrics would get empty predictions. Use {_MIXIN}: its evaluate() hands compute_metrics "
+                    "the argmax token and the label's log-probability per position; or evaluate without "
+                    "compute_metrics (the loss only)")
+            return
+        frame = frame.f_back
+
+
 class _AtHead(Exception):
     """Raised by the reference's LM head pre-hook: its input, the final hidden states."""
 
@@ -377,7 +432,7 @@ def _unbound(forward, model: nn.Module):
 
 def _signature_with_options(forward) -> inspect.Signature:
     """``forward``'s signature (with ``self``) plus keyword-only :data:`LOSS_OPTIONS`,
-    ``shift_labels`` and ``num_items_in_batch``, before any ``**kwargs``."""
+    ``shift_labels``, ``normalizer`` and ``num_items_in_batch``, before any ``**kwargs``."""
     sig = inspect.signature(forward)
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
     var_kw = [p for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
