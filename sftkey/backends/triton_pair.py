@@ -11,7 +11,7 @@ from torch import Tensor
 
 from sftkey.core.divergence import KL_KINDS, RowDivergence
 from sftkey.kernels.configs import row_config
-from sftkey.kernels.pair_rows import pair_grads_kernel, pair_stats_kernel
+from sftkey.kernels.pair_rows import PAIR_STATS, pair_grads_kernel, pair_stats_kernel
 
 
 def rows(z: Tensor, r: Tensor, kind: str, beta: float = 0.5, g: Optional[Tensor] = None,
@@ -26,13 +26,14 @@ def rows(z: Tensor, r: Tensor, kind: str, beta: float = 0.5, g: Optional[Tensor]
     forward = kind == "forward_kl"
     a, o = (r, z) if forward else (z, r)  # the weighting head first (kernels/pair_rows.py)
     n, V = z.shape
-    lse_a, lse_o, value = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    stats = torch.empty(n, len(PAIR_STATS), dtype=torch.float32, device=z.device)
+    value = torch.empty(n, dtype=torch.float32, device=z.device)
     cfg = row_config(z.device)
     launch = dict(BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
-    pair_stats_kernel[(n,)](a, a.stride(0), o, o.stride(0), lse_a, lse_o, value, V, **launch)
+    pair_stats_kernel[(n,)](a, a.stride(0), o, o.stride(0), stats, value, V, **launch)
     want_dz, want_dr = want_dz and g is not None, want_dr and g is not None
     if want_dz or want_dr:
         want_a, want_o = (want_dr, want_dz) if forward else (want_dz, want_dr)
-        pair_grads_kernel[(n,)](a, a.stride(0), o, o.stride(0), lse_a, lse_o, value,
-                                g.to(torch.float32).contiguous(), V, WANT_A=want_a, WANT_O=want_o, **launch)
+        pair_grads_kernel[(n,)](a, a.stride(0), o, o.stride(0), stats, g.to(torch.float32).contiguous(), V,
+                                WANT_A=want_a, WANT_O=want_o, **launch)
     return RowDivergence(value, z if want_dz else None, r if want_dr else None)

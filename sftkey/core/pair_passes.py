@@ -264,7 +264,9 @@ def _stats(z: Tensor, y: Tensor, terms: TokenTerms, all_stats: bool) -> RowStats
         Z = z.sum(dim=1) if terms.class_weights is None else z @ terms.class_weights
     if all_stats:
         argmax = z.detach().argmax(dim=1)
-    return RowStats(torch.logsumexp(z, dim=1), zy, S, Z, argmax)
+    top = z.detach().amax(dim=1, keepdim=True)  # lse's gradient exp(z - top) / sum: precise at large logits
+    lse = top.squeeze(1) + torch.log(torch.exp(z - top).sum(dim=1))
+    return RowStats(lse, zy, S, Z, argmax)
 
 
 def _anchor_coef(p: Prepared, anchor_weight: float) -> Tensor:
