@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 #: The most top-k logits a backend returns per token.
-MAX_TOPK = 16
+MAX_TOPK = 32
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

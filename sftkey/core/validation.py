@@ -92,7 +92,7 @@ def check_head(hidden, weight, targets, bias, *, autocast: bool) -> None:
 
 
 def check_topk(topk, vocab_size: int) -> None:
-    """``topk`` is an int in ``[0, min(16, V)]``."""
+    """``topk`` is an int in ``[0, min(MAX_TOPK, V)]``."""
     if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
     if topk > vocab_size:
@@ -108,15 +108,17 @@ def check_targets_range(targets: Tensor, vocab_size: int, ignore_index: int) -> 
 
 
 def check_token_weights_sign(token_weights) -> None:
-    """``token_weights``, when given, are >= 0: a negative weight would turn its token's loss
-    into a reward for lowering the target's probability, and could make the ``"mean"``
-    denominator 0 or negative. (Validate the type and shape first: :func:`check_loss_tensors`.)"""
+    """``token_weights``, when given, are >= 0 and finite: a negative weight would turn its
+    token's loss into a reward for lowering the target's probability, and could make the
+    ``"mean"`` denominator 0 or negative; an infinite one makes the mean inf / inf = NaN.
+    (Validate the type and shape first: :func:`check_loss_tensors`.)"""
     if token_weights is None:
         return
-    bad = ~(token_weights >= 0)
+    bad = ~((token_weights >= 0) & torch.isfinite(token_weights))
     if bool(bad.any()):
         value = float(token_weights[bad].flatten()[0])
-        raise ValueError(f"token_weights must be >= 0 (a weight per token, 0 to leave it out); found {value}")
+        raise ValueError(f"token_weights must be >= 0 and finite (a weight per token, 0 to leave it out); "
+                         f"found {value}")
 
 
 def check_values(targets: Tensor, vocab_size: int, ignore_index: int, token_weights: Optional[Tensor]) -> None:
@@ -240,10 +242,14 @@ def check_divergence_options(opts) -> None:
 def check_anchor_options(opts) -> None:
     """The anchor options of a :class:`~sftkey.options.LossOptions` (tensors in :func:`check_pair`)."""
     _kind("anchor_kind", opts.anchor_kind)
-    _number("anchor_weight", opts.anchor_weight)
+    if opts.anchor_weight is not None:
+        _number("anchor_weight", opts.anchor_weight)
     _number("anchor_beta", opts.anchor_beta, low=0.0, high=1.0)
     if opts.anchor is None:
         return
+    if opts.anchor_weight is None:
+        raise ValueError("anchor_weight is required with an anchor (it has no default; ASFT's authors use 0.1, "
+                         "sftkey.methods.ASFT_ANCHOR_WEIGHT)")
     if not isinstance(opts.anchor, tuple) or len(opts.anchor) not in (2, 3):
         raise TypeError("anchor must be a tuple (ref_hidden, ref_weight) or (ref_hidden, ref_weight, ref_bias)")
     _triton_kind("anchor_kind", opts.anchor_kind, opts.backend)
