@@ -75,7 +75,9 @@ class LossOptions(HeadOptions):
     :class:`HeadOptions`:
 
     * ``token_weights`` ``[...]`` like the targets: the cross-entropy weight ``a_i`` (default 1).
-    * ``entropy_weights`` ``[...]``, a scalar or None: the entropy coefficient ``e_i`` (default 0).
+    * ``entropy_weights`` ``[...]``, a scalar or None: the entropy coefficient ``e_i`` (default 0)
+      of the term ``-e_i H_i``: ``e_i > 0`` rewards entropy (a bonus), ``e_i < 0`` penalizes it
+      (entropy minimization); not in the ``"mean"``'s denominator.
     * ``label_smoothing`` in [0, 1]; ``z_loss`` (``zeta`` >= 0); ``dft``: ``s_i = stopgrad(p_y)``.
     * ``reduction``: "mean", "sum" or "none"; ``normalizer`` (> 0): the "mean" divisor instead
       of ``sum_i a_i w_{y_i}``.
@@ -85,7 +87,9 @@ class LossOptions(HeadOptions):
       frozen reference head: adds ``anchor_weight * a_i * D_i`` to each token's loss, ``D_i``
       the ``anchor_kind`` divergence (:class:`DivergenceOptions`; JSD with ``anchor_beta``)
       between the policy's and the reference's distributions at temperature 1, in the same
-      pass over the policy logits. ASFT is ``dft=True, anchor_kind="forward_kl"``.
+      pass over the policy logits. ``anchor_weight`` has no default: an anchor needs it.
+      ASFT is ``dft=True, anchor_kind="forward_kl"``, its authors' weight 0.1
+      (:func:`sftkey.methods.asft`).
     """
 
     token_weights: Optional[Tensor] = None
@@ -98,7 +102,7 @@ class LossOptions(HeadOptions):
     shift: bool = False
     return_stats: bool = False
     anchor: Optional[tuple] = None
-    anchor_weight: float = 1.0
+    anchor_weight: Optional[float] = None
     anchor_kind: str = "forward_kl"
     anchor_beta: float = 0.5
 

@@ -36,11 +36,13 @@ def _logits(hidden, weight, bias, softcap):
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, token_weights=None, entropy_weights=None,
                          class_weights=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
                          dft=False, reduction="mean", normalizer=None, shift=False, return_stats=False,
-                         anchor=None, anchor_weight=1.0, anchor_kind="forward_kl", anchor_beta=0.5,
+                         anchor=None, anchor_weight=None, anchor_kind="forward_kl", anchor_beta=0.5,
                          backend="reference", filter_eps=None):
     """Materializing :func:`sftkey.linear_cross_entropy` (``backend`` and ``filter_eps`` are ignored)."""
     z_anchor = None
     if anchor is not None:
+        if anchor_weight is None:
+            raise ValueError("anchor_weight is required with an anchor")
         z_anchor = _logits(anchor[0].detach(), anchor[1].detach(), None if len(anchor) < 3 else anchor[2].detach(),
                            None)
     if shift:
