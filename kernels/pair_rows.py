@@ -11,10 +11,11 @@ the dominant entry keeps its precision at logits in the hundreds:
     d_a = g pa (delta - E)                  d_o = g (po - pa)
 
 (``s_a = sum_j exp(a_j - a_k)``, ``pa = exp(a - a_k) / s_a``, ``m_o`` the maximum of ``o``,
-``s_o = sum_j exp(o_j - m_o)``, ``po = exp(o - m_o) / s_o``, ``g`` the row's upstream gradient). The logits are ``[n, V]`` float32 buffers (the block's, temperature
-and soft-cap applied), rows at strides ``stride_a``, ``stride_o``, unit column stride. Each
-program owns one row and walks its ``V`` columns in ``BLOCK_V``-wide chunks, elementwise and
-reductions only (no ``tl.dot``):
+``s_o = sum_j exp(o_j - m_o)``, ``po = exp(o - m_o) / s_o``, ``g`` the row's upstream
+gradient). The logits are ``[n, V]`` float32 buffers (the block's, temperature and soft-cap
+applied), rows at strides ``stride_a``, ``stride_o``, unit column stride. Each program owns
+one row and walks its ``V`` columns in ``BLOCK_V``-wide chunks, elementwise and reductions
+only (no ``tl.dot``):
 
 * :func:`pair_stats_kernel` reads both rows once: the running maximum of ``a`` and ``o`` at
   it, the maximum of ``o``, the sums of ``exp`` of each, and ``t = sum exp(a - a_k) delta``,

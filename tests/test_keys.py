@@ -366,8 +366,10 @@ def test_prompt_and_response_are_tokenized_apart(tok):
     """A token across the boundary ("the" + "n" -> "then") would be labelled as response: the
     two parts are tokenized separately, as generation sees them."""
     prompt, response = "so we add the", "n multiply. The answer is 5."
-    assert len(tok(prompt + response, add_special_tokens=False)["input_ids"]) < (
-        len(tok(prompt, add_special_tokens=False)["input_ids"]) + len(tok(response, add_special_tokens=False)["input_ids"]))
+    def count(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    assert count(prompt + response) < count(prompt) + count(response)
     f = encode_example(tok, response, prompt, stage=1)
     head = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
     assert f["input_ids"] == head + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -441,8 +441,8 @@ def _example_fields(example: Any, i: int) -> tuple[str, Optional[str], Optional[
     elif "messages" in keys:
         allowed = {"messages"}
     else:
-        raise ValueError(f"examples[{i}]: expected a 'response' (with 'prompt' or 'messages'), or TRL's "
-                         f"'prompt' and 'completion', or 'messages' ending with the assistant's turn; got {sorted(keys)}")
+        raise ValueError(f"examples[{i}]: expected a 'response' (with 'prompt' or 'messages'), or TRL's 'prompt' "
+                         f"and 'completion', or 'messages' ending with the assistant's turn; got {sorted(keys)}")
     unknown = keys - allowed
     if unknown:
         raise ValueError(f"examples[{i}]: unexpected keys {sorted(unknown)}; expected {sorted(allowed)} "
