@@ -247,12 +247,12 @@ def check_anchor_options(opts) -> None:
     _number("anchor_beta", opts.anchor_beta, low=0.0, high=1.0)
     if opts.anchor is None:
         return
-    if opts.anchor_weight is None:
-        raise ValueError("anchor_weight is required with an anchor (it has no default; ASFT's authors use 0.1, "
-                         "sftkey.methods.ASFT_ANCHOR_WEIGHT)")
     if not isinstance(opts.anchor, tuple) or len(opts.anchor) not in (2, 3):
         raise TypeError("anchor must be a tuple (ref_hidden, ref_weight) or (ref_hidden, ref_weight, ref_bias)")
     _triton_kind("anchor_kind", opts.anchor_kind, opts.backend)
+    if opts.anchor_weight is None:
+        raise ValueError("anchor_weight is required with an anchor (it has no default; ASFT's authors use 0.1, "
+                         "sftkey.methods.ASFT_ANCHOR_WEIGHT)")
 
 
 def _triton_kind(name: str, kind: str, backend) -> None:
