@@ -297,3 +297,14 @@ def test_a_search_without_any_readable_answer_raises():
     for solution in ("reference", "greedy"):
         with pytest.raises(ValueError, match="none of the 2 responses checked had an answer"):
             _search(PROBLEMS[:2], decode=lossy, solution=solution)
+
+
+def test_results_written_before_solution_existed_read_as_greedy(tmp_path):
+    out = tmp_path / "old.jsonl"
+    (r,) = _search(PROBLEMS[:1], solution="greedy")
+    line = {k: v for k, v in r.__dict__.items() if k not in ("solution", "answered", "unanswered")}
+    out.write_text(json.dumps(line) + "\n")
+    (old,) = read_results(str(out))
+    assert old.solution == "greedy"
+    with pytest.raises(ValueError, match="solution"):
+        _search(PROBLEMS[:1], output=str(out))                 # the default, reference, does not resume it

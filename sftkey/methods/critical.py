@@ -159,11 +159,12 @@ def _check_ranks(ranks: Any) -> list[int]:
 
 
 def read_results(path: str) -> list[CriticalResult]:
-    """The results stored in a JSONL ``output`` of :func:`find_critical_tokens`."""
+    """The results stored in a JSONL ``output`` of :func:`find_critical_tokens` (a line without
+    ``solution`` is from before it existed, when the search perturbed the greedy solution)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [CriticalResult(**json.loads(line)) for line in f if line.strip()]
+        return [CriticalResult(**{"solution": "greedy", **json.loads(line)}) for line in f if line.strip()]
 
 
 def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
