@@ -2,12 +2,14 @@
 
 The model is :class:`program_lm.HalfSum`'s: for the prompt ``"a+b="`` it writes
 ``"..{a+b}...<Answer>{(a+b)//2}</Answer>"`` and computes the answer from the sum as written,
-so changing a digit of the sum changes the answer while the filler cannot. The search
-greedy-decodes each problem, substitutes the 2nd and 3rd most probable token at every
-position, continues greedily, and marks the tokens whose substitution makes the answer
-wrong. The script scores the found tokens against the construction (precision, recall),
-for both rules, reports the cost in rollouts, resumes from its JSONL output, and trains one
-CFT step on the masks through ``methods.cft``.
+so changing a digit of the sum changes the answer while the filler cannot. The search takes
+each problem's training solution (``--solution greedy``: the model's greedy one), substitutes
+the 2nd and 3rd most probable token at every position, continues greedily, and marks the
+tokens where the substitutions make the answer wrong (all of them: the paper's rule; any of
+them: the other). The script scores the found tokens against the construction (precision,
+recall), for both rules, reports the cost in rollouts and the rollouts left without an
+answer (a broken tag), resumes from its JSONL output, and trains one CFT step on the masks
+(``methods.reduce`` with the mask as ``token_weights``; untried positions left untrained).
 
     python examples/critical_tokens.py                  # a few seconds
     python examples/critical_tokens.py --problems 200 --positions 6
@@ -44,6 +46,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--problems", type=int, default=40)
     parser.add_argument("--positions", type=int, default=None, help="positions sampled per example (default: all)")
     parser.add_argument("--start", type=int, default=0, help="skip the first START response positions")
+    parser.add_argument("--solution", choices=("reference", "greedy"), default="reference",
+                        help="perturb the training solution (the paper) or the model's greedy one")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSONL of the results (default: a temporary file)")
@@ -52,24 +56,23 @@ def main(argv=None) -> dict:
     task = HalfSum()
     rng = random.Random(args.seed)
     problems = [(rng.randint(0, 999), rng.randint(0, 999)) for _ in range(args.problems)]
-    examples = [task.example(a, b) for a, b in problems]
+    examples = [{**task.example(a, b), "response": task.response(a, b)} for a, b in problems]
     examples[0] = {**examples[0], "answer": examples[0]["answer"] + 1}   # a wrong reference: not searched
     output = args.output or os.path.join(tempfile.mkdtemp(), "critical.jsonl")
 
     model = task.model()
     t0 = time.perf_counter()
-    half = find_critical_tokens(model, task.tokenizer, examples[:len(examples) // 2], positions=args.positions,
-                                start=args.start, seed=args.seed, max_new_tokens=24,
-                                batch_size=args.batch_size, output=output, progress=False)
-    results = find_critical_tokens(model, task.tokenizer, examples, positions=args.positions, start=args.start,
-                                   seed=args.seed, max_new_tokens=24, batch_size=args.batch_size,
-                                   output=output, progress=True)          # resumes: the first half is read back
+    search = dict(solution=args.solution, positions=args.positions, start=args.start, seed=args.seed,
+                  max_new_tokens=24, batch_size=args.batch_size, output=output)
+    half = find_critical_tokens(model, task.tokenizer, examples[:len(examples) // 2], progress=False, **search)
+    results = find_critical_tokens(model, task.tokenizer, examples, progress=True, **search)  # resumes the first half
     elapsed = time.perf_counter() - t0
     assert results[:len(half)] == half
 
     kept = [(p, r) for p, r in zip(problems, results) if r.correct]
     summary = {"examples": len(results), "correct": len(kept),
                "rollouts": sum(r.rollouts for r in results),
+               "unanswered": sum(r.unanswered for r in results),
                "tried": sum(len(r.tried) for r in results),
                "response_tokens": sum(len(r.response_ids) for _, r in kept),
                "generated_tokens": sum(r.generated_tokens for r in results), "seconds": elapsed}
@@ -79,18 +82,18 @@ def main(argv=None) -> dict:
         summary[rule] = {"precision": precision, "recall": recall, "critical_share": share}
         print(f"rule={rule}: precision {precision:.3f}, recall {recall:.3f}, "
               f"critical {share:.1%} of the response tokens")
-    print(f"{summary['correct']}/{summary['examples']} greedy answers right; {summary['rollouts']} rollouts "
-          f"({summary['rollouts'] / max(summary['tried'], 1):.1f} per tried position), "
-          f"{summary['generated_tokens']} tokens generated in {elapsed:.2f} s; results in {output}")
+    print(f"{summary['correct']}/{summary['examples']} {args.solution} solutions right; {summary['rollouts']} rollouts "
+          f"({summary['rollouts'] / max(summary['tried'], 1):.1f} per tried position; {summary['unanswered']} without "
+          f"an answer), {summary['generated_tokens']} tokens generated in {elapsed:.2f} s; results in {output}")
 
     # one CFT step on the masks: the features carry labels and token weights on the critical tokens
-    features = [r.features() for _, r in kept]
+    features = [r.features(untried=0) for _, r in kept]
     batch = TokenWeightCollator.from_tokenizer(task.tokenizer)(features)
     torch.manual_seed(args.seed)
     emb = torch.nn.Embedding(len(task.TOKENS), 16)
     head = torch.nn.Linear(16, len(task.TOKENS), bias=False)
     st = sftkey.logit_stats(emb(batch["input_ids"])[:, :-1], head.weight, batch["labels"][:, 1:])
-    loss = methods.reduce(methods.cft(st, batch["token_weights"][:, 1:]), st)
+    loss = methods.reduce(methods.sft(st), st, token_weights=batch["token_weights"][:, 1:])
     loss.backward()
     summary["cft_loss"] = loss.item()
     print(f"CFT loss on the critical tokens of the kept examples: {loss.item():.4f}")

@@ -3,13 +3,16 @@
 Every response has the SFTKey paper's format ``<Thinking> chain of thought </Thinking><Answer> N
 </Answer>``. Stage 1 trains on every response token; then the same model continues for the
 same number of steps either on every response token again (plain SFT) or on the key answer
-tokens only, with the chain of thought as context (SFTKey stage 2). Both runs share stage 1
-and the stage-2 learning rate, so the only difference is which tokens stage 2 trains. The
-script reports answer accuracy, by greedy decoding on held-out problems, after each stage.
+tokens and the EOS only, with the chain of thought as context (SFTKey stage 2; without the
+EOS too with ``--stage2-eos``). The runs share stage 1 and the stage-2 learning rate, so the
+only difference is which tokens stage 2 trains. The script reports, by greedy decoding on
+held-out problems after each stage, the answer accuracy, the share of exactly right chains
+of thought and the share of completions that stop.
 All losses go through sftkey's fused loss (no logits are built), and the trainer logs
 ``entropy`` and ``mean_token_accuracy`` from its statistics.
 
     python examples/sftkey_arithmetic.py                 # defaults: a few minutes on 2 cores
+    python examples/sftkey_arithmetic.py --stage2-eos both  # SFTKey's stage 2 with and without the EOS
     python examples/sftkey_arithmetic.py --stage1-steps 300 --stage2-steps 100 --eval 100
 """
 from __future__ import annotations
@@ -86,10 +89,12 @@ def build_model(tokenizer, hidden: int, layers: int, seed: int) -> LlamaForCausa
 
 
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, problems: list[dict], batch_size: int = 128, max_new_tokens: int = 48) -> float:
-    """Fraction of ``problems`` whose greedy completion's ``<Answer>`` is the right number."""
+def completion_metrics(model, tokenizer, problems: list[dict], batch_size: int = 128,
+                       max_new_tokens: int = 48) -> dict:
+    """Over the greedy completions of ``problems``: the share whose ``<Answer>`` is the right
+    number, whose chain of thought is exactly the true one, and that stop (EOS) within the budget."""
     model.eval()
-    correct = 0
+    correct = chains = stopped = 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         batch = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)
@@ -99,7 +104,10 @@ def answer_accuracy(model, tokenizer, problems: list[dict], batch_size: int = 12
             text = "".join(tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=True))
             found = ANSWER.search(text)
             correct += found is not None and int(found.group(1)) == p["answer"]
-    return correct / len(problems)
+            chains += text.split("</Thinking>")[0] == p["response"].split("</Thinking>")[0].replace(" ", "")
+            stopped += tokenizer.eos_token_id in ids.tolist()
+    n = len(problems)
+    return {"answer_accuracy": correct / n, "chain_accuracy": chains / n, "stop_rate": stopped / n}
 
 
 def key_loss(model, features: list[dict], collator) -> float:
@@ -120,6 +128,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--stage2-lr", type=float, default=1e-3)
     parser.add_argument("--stage2-cot-weight", type=float, default=0.0,
                         help="SFTKey stage-2 weight of chain-of-thought tokens (0: key tokens only; a blend otherwise)")
+    parser.add_argument("--stage2-eos", choices=("on", "off", "both"), default="on",
+                        help="SFTKey stage 2 also trains the EOS (keys.build_features' include_eos, its default: on), "
+                             "not (off), or one run of each from the same stage 1 (both)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
@@ -133,11 +144,14 @@ def main(argv=None) -> dict:
     tokenizer = build_tokenizer([p["prompt"] + p["response"] for p in problems])
     examples = [{"prompt": p["prompt"], "response": p["response"]} for p in train]
     stage1, _ = keys.build_features(tokenizer, examples, stage=1)
-    stage2, report = keys.build_features(tokenizer, examples, stage=2, cot_weight=args.stage2_cot_weight)
+    eos_choices = {"on": (True,), "off": (False,), "both": (True, False)}[args.stage2_eos]
+    stage2 = {eos: keys.build_features(tokenizer, examples, stage=2, cot_weight=args.stage2_cot_weight,
+                                       include_eos=eos) for eos in eos_choices}
+    report = next(iter(stage2.values()))[1]
     print(f"{len(train)} training problems ({report.with_key} with a key span), {len(held_out)} held out; "
           f"vocabulary {len(tokenizer)}")
     eval_keys, _ = keys.build_features(tokenizer, [{"prompt": p["prompt"], "response": p["response"]}
-                                                   for p in held_out], stage=2)
+                                                   for p in held_out], stage=2, include_eos=False)
     collator = TokenWeightCollator.from_tokenizer(tokenizer, padding_side="right")
 
     model = build_model(tokenizer, args.hidden, args.layers, args.seed)
@@ -157,9 +171,9 @@ def main(argv=None) -> dict:
               f"token accuracy {last['mean_token_accuracy']:.3f}")
 
     def report_accuracy(label: str, model) -> dict:
-        result = {"answer_accuracy": answer_accuracy(model, tokenizer, held_out),
-                  "key_loss": key_loss(model, eval_keys, collator)}
-        print(f"  {label}: answer accuracy {result['answer_accuracy']:.3f}, "
+        result = {**completion_metrics(model, tokenizer, held_out), "key_loss": key_loss(model, eval_keys, collator)}
+        print(f"  {label}: answer accuracy {result['answer_accuracy']:.3f}, chain accuracy "
+              f"{result['chain_accuracy']:.3f}, stop rate {result['stop_rate']:.3f}, "
               f"held-out key-token loss {result['key_loss']:.4f}")
         return result
 
@@ -169,15 +183,20 @@ def main(argv=None) -> dict:
     results["stage 1"] = report_accuracy("after stage 1", model)
 
     key_tokens = "key tokens only" if args.stage2_cot_weight == 0 else f"key tokens, CoT x {args.stage2_cot_weight}"
-    for label, data, tokens in (("SFT", stage1, "all response tokens"), ("SFTKey", stage2, key_tokens)):
+    arms = [("SFT", stage1, "all response tokens")]
+    for eos, (data, _) in stage2.items():
+        name = "SFTKey" if len(stage2) == 1 else f"SFTKey {'with' if eos else 'without'} EOS"
+        arms.append((name, data, key_tokens + (" and EOS" if eos else ", not EOS")))
+    for label, data, tokens in arms:
         print(f"Stage 2, {label} ({tokens}, lr {args.stage2_lr}):")
         continued = copy.deepcopy(model)
         run(continued, Stage(data, max_steps=args.stage2_steps, learning_rate=args.stage2_lr, name=label))
         results[label] = report_accuracy(f"{label} after stage 2", continued)
 
-    print(f"\n| after | answer accuracy | held-out key-token loss |\n|---|---|---|")
+    print("\n| after | answer accuracy | chain accuracy | stop rate | held-out key-token loss |\n|---|---|---|---|---|")
     for label, r in results.items():
-        print(f"| {label} | {r['answer_accuracy']:.3f} | {r['key_loss']:.4f} |")
+        print(f"| {label} | {r['answer_accuracy']:.3f} | {r['chain_accuracy']:.3f} | {r['stop_rate']:.3f} "
+              f"| {r['key_loss']:.4f} |")
     return results
 
 

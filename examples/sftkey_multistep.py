@@ -42,7 +42,7 @@ MARKER = "####"
 LABELS = "abcdefghijklmnopqrstuvwxyz"
 KEY_OPTIONS = {"patterns": "gsm8k", "include_tags": True, "include_eos": True}
 """The key tokens: the whole ``#### d`` line and the EOS after it, so stage 2 keeps the format."""
-DIGIT_OPTIONS = {"patterns": "gsm8k"}
+DIGIT_OPTIONS = {"patterns": "gsm8k", "include_eos": False}
 """The answer digit alone, for the held-out answer loss (chance: ln 10 = 2.303)."""
 
 

@@ -58,7 +58,7 @@ def logit_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Option
                 options: Optional[HeadOptions] = None, **kwargs) -> LogitStats:
     """Per-token statistics of the logits ``hidden @ weight.T + bias`` (docs/design.md's first
     layer), differentiable with a fused backward: any per-token loss written on them trains
-    without logits. ``topk`` (0 to 16): also the ``k`` largest logits, ``[..., k]``, no gradient.
+    without logits. ``topk`` (0 to 32, ``MAX_TOPK``): also the ``k`` largest logits, ``[..., k]``, no gradient.
     Options: :class:`~sftkey.options.HeadOptions`."""
     opts = HeadOptions.build(options, kwargs, "logit_stats")
     if torch.compiler.is_compiling() and opts.backend != "reference":

@@ -196,8 +196,9 @@ class LossOptions(HeadOptions):
         None, _float_tensor, "``[...]`` like the targets: the cross-entropy weight ``a_i`` (default 1), >= 0.",
         schema="Tensor?", per_token=True)
     entropy_weights: Union[Tensor, float, None] = option(
-        None, _float_tensor_or_number, "``[...]`` like the targets, or a scalar: the entropy coefficient ``e_i``.",
-        schema="Tensor?", per_token=True)
+        None, _float_tensor_or_number, "``[...]`` like the targets, or a scalar: the coefficient ``e_i`` of the "
+        "term ``-e_i H_i``: ``e_i > 0`` rewards entropy (a bonus), ``e_i < 0`` penalizes it (entropy "
+        "minimization); not in the ``\"mean\"``'s denominator.", schema="Tensor?", per_token=True)
     label_smoothing: float = option(0.0, _number(0.0, 1.0), "``eps`` in [0, 1].", schema="float")
     z_loss: float = option(0.0, _number(low=0.0), "``zeta >= 0``: the coefficient of ``lse_i^2``.", schema="float")
     dft: bool = option(False, _boolean, "``s_i = stopgrad(p_{y_i})`` scales the cross-entropy (DFT).", schema="bool")
@@ -212,8 +213,9 @@ class LossOptions(HeadOptions):
         None, _anchor, "``(ref_hidden, ref_weight[, ref_bias])``, a frozen reference head: each token's loss "
         "adds ``anchor_weight * a_i * D_i``, ``D_i`` the ``anchor_kind`` divergence between the policy's and the "
         "reference's distributions (docs/design.md, \"Two heads\"), in the same pass over the policy logits. "
-        "ASFT is ``dft=True, anchor_kind=\"forward_kl\"``.")
-    anchor_weight: float = option(1.0, _number(), "``lambda``, the anchor's coefficient.")
+        "ASFT is ``dft=True, anchor_kind=\"forward_kl\"`` with its authors' weight 0.1 (:func:`sftkey.methods.asft`).")
+    anchor_weight: Optional[float] = option(
+        None, _number(optional=True), "``lambda``, the anchor's coefficient: no default, an anchor needs it.")
     anchor_kind: str = option("forward_kl", _one_of(DIVERGENCES), f"one of {DIVERGENCES}.")
     anchor_beta: float = option(0.5, _number(0.0, 1.0), "the JSD's ``beta`` for ``anchor_kind=\"jsd\"``.")
 
@@ -221,6 +223,9 @@ class LossOptions(HeadOptions):
         super().__post_init__()
         if self.anchor is not None:
             _no_jsd_on_triton("anchor_kind", self.anchor_kind, self.backend)
+            if self.anchor_weight is None:
+                raise ValueError("anchor_weight is required with an anchor (it has no default; ASFT's authors use "
+                                 "0.1, sftkey.methods.ASFT_ANCHOR_WEIGHT)")
 
 
 @_documented

@@ -51,9 +51,11 @@ def test_reference_type():
     ("The answer is 72. Then more text", 72, True),
     ("<Answer>3</Answer> and later <Answer>5</Answer>", 5, True),   # the last answer counts
     ("<Answer>3</Answer> and later <Answer>5</Answer>", 3, False),
-    ("no answer here: 72", 72, False),
-    ("<Answer>72", 72, False),                                     # unclosed tag: no answer
-    ("", 0, False),
+    ("2 + 5 = 7 . #### 7", 7, True),                               # a decode that lost the newline
+    ("2 + 5 = 7 . #### 8", 7, False),
+    ("no answer here: 72", 72, None),                              # no answer: None, counted as wrong
+    ("<Answer>72", 72, None),                                      # unclosed tag: no answer
+    ("", 0, None),
 ])
 def test_default_checker(response, reference, right):
     assert AnswerChecker()(response, reference) is right

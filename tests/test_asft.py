@@ -137,7 +137,7 @@ def test_methods_asft_is_dft_plus_the_forward_kl():
     mask = labels != -100
     ce = -logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
     kl = (logq.exp() * (logq - logp)).sum(-1)
-    want = ((ce.detach().neg().exp() * ce + methods.ASFT_KL_WEIGHT * kl) * mask).sum() / mask.sum()
+    want = ((ce.detach().neg().exp() * ce + methods.ASFT_ANCHOR_WEIGHT * kl) * mask).sum() / mask.sum()
     assert_close(got, want, torch.float64, "asft")
     g_got, = torch.autograd.grad(got, x)
     g_want, = torch.autograd.grad(want, x)
@@ -156,3 +156,25 @@ def test_methods_distill_scales_by_t_squared(kind):
         mask = y != -100
         want = T ** 2 * ((logq.exp() * (logq - logp)).sum(-1) * mask).sum() / mask.sum()
         assert_close(got, want, torch.float64, "Hinton's T^2 KL")
+
+
+def test_no_silent_anchor_weight():
+    """ASFT's weight is its authors' 0.1 in methods.asft, and has no default anywhere else: an
+    anchor without anchor_weight is refused (it was 1.0, ten times the authors' lambda)."""
+    policy = _llama()
+    reference = _references(policy)["drifted"]
+    batch = _batch()
+    with use_fused_loss(policy, reference_model=reference, dft=True):
+        with pytest.raises(ValueError, match="anchor_weight is required with an anchor"):
+            policy(**batch)
+    x, w, xr, wr, y = _heads(6)
+    with pytest.raises(ValueError, match="anchor_weight is required"):
+        sftkey.linear_cross_entropy(x, w, y, anchor=(xr, wr))
+    with pytest.raises(ValueError, match="anchor_weight is required"):
+        sftkey.reference.linear_cross_entropy(x, w, y, anchor=(xr, wr))
+    with pytest.raises(TypeError, match="kl_weight"):
+        methods.asft(x, w, y, xr, wr, kl_weight=0.1)                 # one name across the API
+    assert methods.ASFT_ANCHOR_WEIGHT == 0.1
+    default = methods.asft(x, w, y, xr, wr)
+    named = sftkey.linear_cross_entropy(x, w, y, dft=True, anchor=(xr, wr), anchor_weight=0.1)
+    assert_close(default, named, torch.float64, "asft's default is the authors' 0.1")

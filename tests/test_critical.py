@@ -18,10 +18,15 @@ TASK = HalfSum()
 PROBLEMS = [(37, 45), (5, 8), (0, 9), (99, 1), (250, 749), (3, 4), (64, 36), (18, 1)]
 
 
+def _example(a, b):
+    """The problem with its training solution (the model's greedy response, here)."""
+    return {**TASK.example(a, b), "response": TASK.response(a, b)}
+
+
 def _search(problems=PROBLEMS, **kwargs):
     kwargs.setdefault("max_new_tokens", 24)
     kwargs.setdefault("progress", False)
-    return find_critical_tokens(TASK.model(), TASK.tokenizer, [TASK.example(a, b) for a, b in problems], **kwargs)
+    return find_critical_tokens(TASK.model(), TASK.tokenizer, [_example(a, b) for a, b in problems], **kwargs)
 
 
 def _precision_recall(results, problems, rule):
@@ -54,18 +59,23 @@ def test_last_sum_digit_fails_under_one_alternative_only():
     assert all(w == [] for t, w in zip(r.tried, r.wrong) if t not in TASK.critical(37, 45, "any"))
 
 
-def test_wrong_greedy_answer_is_not_searched():
-    (r,) = find_critical_tokens(TASK.model(), TASK.tokenizer, [{"prompt": TASK.prompt(37, 45), "answer": 40}],
-                                max_new_tokens=24, progress=False)
-    assert not r.correct and r.tried == [] and r.rollouts == 0
-    assert r.features() is None
-    assert r.critical_mask() == [0] * len(r.input_ids)
+def test_wrong_solution_is_not_searched():
+    for solution, example in (("greedy", {"prompt": TASK.prompt(37, 45), "answer": 40}),
+                              ("reference", {**_example(37, 45), "answer": 40})):
+        (r,) = find_critical_tokens(TASK.model(), TASK.tokenizer, [example], solution=solution, max_new_tokens=24,
+                                    progress=False)
+        assert not r.correct and r.answered and r.tried == [] and r.rollouts == 0
+        assert r.features() is None
+        assert r.untried == list(range(len(r.response_ids)))
+        assert r.critical_mask(untried=0) == [0] * len(r.input_ids)
 
 
 def test_reference_response_gives_the_answer():
     example = {"prompt": TASK.prompt(5, 8), "response": TASK.response(5, 8)}
-    (r,) = find_critical_tokens(TASK.model(), TASK.tokenizer, [example], max_new_tokens=24, progress=False)
-    assert r.correct and r.critical() == TASK.critical(5, 8)
+    for solution in ("reference", "greedy"):
+        (r,) = find_critical_tokens(TASK.model(), TASK.tokenizer, [example], solution=solution, max_new_tokens=24,
+                                    progress=False)
+        assert r.correct and r.critical() == TASK.critical(5, 8, "all") and r.solution == solution
 
 
 def test_position_budget_start_and_sample():
@@ -73,7 +83,7 @@ def test_position_budget_start_and_sample():
     late = _search(start=4)
     for f, r, (a, b) in zip(full, late, PROBLEMS):
         assert r.tried == list(range(4, len(r.response_ids)))
-        assert r.critical() == [t for t in TASK.critical(a, b) if t >= 4]
+        assert r.critical() == [t for t in TASK.critical(a, b, "all") if t >= 4]
         assert r.rollouts == 2 * len(r.tried)
     sampled = _search(positions=3, seed=7)
     again = _search(positions=3, seed=7)
@@ -82,7 +92,7 @@ def test_position_budget_start_and_sample():
     assert [r.tried for r in sampled] != [r.tried for r in other]
     for r, (a, b) in zip(sampled, PROBLEMS):
         assert len(r.tried) == 3 and r.rollouts == 6
-        assert r.critical() == [t for t in r.tried if t in TASK.critical(a, b)]
+        assert r.critical() == [t for t in r.tried if t in TASK.critical(a, b, "all")]
 
 
 def test_one_rank_and_more_ranks():
@@ -98,20 +108,22 @@ def test_resume_skips_done_examples(tmp_path):
     model = TASK.model()
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
-    rest = find_critical_tokens(model, TASK.tokenizer, [TASK.example(a, b) for a, b in PROBLEMS],
+    rest = find_critical_tokens(model, TASK.tokenizer, [_example(a, b) for a, b in PROBLEMS],
                                 max_new_tokens=24, progress=False, output=out)
     fresh = _search()
     assert rest == fresh
     assert rest[:3] == first
     assert [r.index for r in read_results(out)] == list(range(len(PROBLEMS)))
     calls.clear()
-    find_critical_tokens(model, TASK.tokenizer, [TASK.example(a, b) for a, b in PROBLEMS],
+    find_critical_tokens(model, TASK.tokenizer, [_example(a, b) for a, b in PROBLEMS],
                          max_new_tokens=24, progress=False, output=out)
     assert calls == []                                    # everything was done: no forward at all
     with pytest.raises(ValueError, match="ranks"):
         _search(PROBLEMS[:1], output=out, ranks=(2,))
-    (strict,) = _search(PROBLEMS[:1], output=out, rule="all")             # read back, the rule re-applied
-    assert strict.rollouts == first[0].rollouts and strict.critical() == TASK.critical(*PROBLEMS[0], "all")
+    with pytest.raises(ValueError, match="solution"):
+        _search(PROBLEMS[:1], output=out, solution="greedy")
+    (loose,) = _search(PROBLEMS[:1], output=out, rule="any")             # read back, the rule re-applied
+    assert loose.rollouts == first[0].rollouts and loose.critical() == TASK.critical(*PROBLEMS[0], "any")
     line = json.loads(open(out).readline())
     assert set(line) >= {"index", "tried", "wrong", "rollouts", "prompt_ids", "response_ids"}
 
@@ -133,12 +145,12 @@ def test_mask_and_features_feed_cft_and_the_collator():
     hidden = torch.randn(*batch["input_ids"].shape, 8, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(len(HalfSum.TOKENS), 8, generator=g, dtype=torch.float64)
     st = sftkey.logit_stats(hidden[:, :-1], weight, batch["labels"][:, 1:])
-    got = methods.cft(st, batch["token_weights"][:, 1:])
+    got = methods.reduce(methods.sft(st), st, token_weights=batch["token_weights"][:, 1:].double(), reduction="none")
     logp = torch.log_softmax(hidden[:, :-1] @ weight.T, -1)
     y = batch["labels"][:, 1:]
     want = torch.where(y != -100, -logp.gather(-1, y.clamp_min(0)[..., None])[..., 0], torch.zeros(()))
     torch.testing.assert_close(got, want.to(got.dtype))
-    assert int((got != 0).sum()) == len(r.critical()) + len(TASK.critical(5, 8))
+    assert int((got != 0).sum()) == len(r.critical()) + len(TASK.critical(5, 8, "all"))
 
 
 def test_result_round_trips_through_json():
@@ -148,6 +160,7 @@ def test_result_round_trips_through_json():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"rule": "most"}, ValueError, "rule"),
+    ({"solution": "best"}, ValueError, "solution"),
     ({"ranks": ()}, TypeError, "ranks"),
     ({"ranks": (1, 2)}, ValueError, "ranks"),
     ({"ranks": (2, 2)}, ValueError, "ranks"),
@@ -217,8 +230,81 @@ def test_search_batched_equals_one_at_a_time(llama):
     def checker(text, reference):
         return text[-2:] == reference
 
-    runs = [find_critical_tokens(llama, TASK.tokenizer, problems, checker=checker, max_new_tokens=10,
-                                 batch_size=bs, progress=False) for bs in (1, 7, 64)]
+    runs = [find_critical_tokens(llama, TASK.tokenizer, problems, solution="greedy", checker=checker,
+                                 max_new_tokens=10, batch_size=bs, progress=False) for bs in (1, 7, 64)]
     assert runs[0] == runs[1] == runs[2]
     assert all(r.correct for r in runs[0])
     assert sum(r.rollouts for r in runs[0]) == 2 * sum(len(r.response_ids) for r in runs[0])
+
+
+# ---- issue 25: the paper's rule and solution, untried positions, unanswerable responses
+
+def test_defaults_are_the_papers_rule_on_the_training_solution():
+    import inspect
+    params = inspect.signature(find_critical_tokens).parameters
+    assert params["rule"].default == "all" and params["solution"].default == "reference"
+    results = _search(PROBLEMS[:3])
+    assert [r.critical() for r in results] == [TASK.critical(a, b, "all") for a, b in PROBLEMS[:3]]
+
+
+def test_reference_solution_is_the_training_one_not_the_greedy_one():
+    """A right training solution the model would not write (other filler): the reference
+    search perturbs it, teacher-forced; the greedy search perturbs the model's own."""
+    training = ",,82~~~<Answer>41</Answer>"
+    example = {"prompt": TASK.prompt(37, 45), "response": training, "answer": 41}
+    (ref,) = find_critical_tokens(TASK.model(), TASK.tokenizer, [example], max_new_tokens=24, progress=False)
+    (greedy,) = find_critical_tokens(TASK.model(), TASK.tokenizer, [example], solution="greedy",
+                                     max_new_tokens=24, progress=False)
+    decode = TASK.tokenizer.decode
+    assert decode(ref.response_ids, skip_special_tokens=True) == training
+    assert decode(greedy.response_ids, skip_special_tokens=True) == TASK.response(37, 45)
+    assert ref.correct and ref.critical() == greedy.critical() == TASK.critical(37, 45, "all")
+    assert ref.generated_tokens < greedy.generated_tokens          # no greedy decode for the reference
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        find_critical_tokens(TASK.model(), TASK.tokenizer, [example], max_new_tokens=10, progress=False)
+    with pytest.raises(ValueError, match="'response'"):
+        find_critical_tokens(TASK.model(), TASK.tokenizer, [TASK.example(37, 45)], progress=False)
+
+
+def test_untried_positions_are_neither_critical_nor_not():
+    (r,) = _search([(37, 45)], positions=5, seed=3)
+    assert len(r.untried) == len(r.response_ids) - 5 and not set(r.untried) & set(r.tried)
+    with pytest.raises(ValueError, match="untried"):
+        r.critical_mask()
+    with pytest.raises(ValueError, match="untried"):
+        r.features()
+    n = len(r.prompt_ids)
+    for value in (0, 1):
+        mask = r.critical_mask(untried=value)
+        assert [mask[n + t] for t in r.untried] == [value] * len(r.untried)
+        assert [mask[n + t] for t in r.tried] == [int(t in r.critical()) for t in r.tried]
+    (full,) = _search([(37, 45)])
+    assert full.untried == [] and full.critical_mask() == full.critical_mask(untried=1)
+
+
+def test_unanswerable_rollouts_are_counted():
+    """A broken <Answer> or </Answer> tag leaves no answer: 2 positions x 2 ranks per problem."""
+    results = _search(PROBLEMS[:2])
+    assert [r.unanswered for r in results] == [4, 4]
+    assert all(r.answered for r in results)
+
+
+def test_a_search_without_any_readable_answer_raises():
+    """The issue's case: a decode that loses what the checker looks for."""
+    def lossy(ids):
+        return TASK.tokenizer.decode(ids, skip_special_tokens=True).replace("<Answer>", " ")
+
+    for solution in ("reference", "greedy"):
+        with pytest.raises(ValueError, match="none of the 2 responses checked had an answer"):
+            _search(PROBLEMS[:2], decode=lossy, solution=solution)
+
+
+def test_results_written_before_solution_existed_read_as_greedy(tmp_path):
+    out = tmp_path / "old.jsonl"
+    (r,) = _search(PROBLEMS[:1], solution="greedy")
+    line = {k: v for k, v in r.__dict__.items() if k not in ("solution", "answered", "unanswered")}
+    out.write_text(json.dumps(line) + "\n")
+    (old,) = read_results(str(out))
+    assert old.solution == "greedy"
+    with pytest.raises(ValueError, match="solution"):
+        _search(PROBLEMS[:1], output=str(out))                 # the default, reference, does not resume it

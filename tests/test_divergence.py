@@ -249,7 +249,7 @@ def test_anchored_cross_entropy_matches_ce_plus_weighted_divergence(kind, option
 
 def test_anchor_is_frozen_and_refused_where_unsupported():
     (x, w, b, xr, wr, br), y, _ = _pair((6,), 8, 8, 11, torch.float32, seed=16)
-    sftkey.linear_cross_entropy(x, w, y, bias=b, anchor=(xr, wr, br), backend="torch").backward()
+    sftkey.linear_cross_entropy(x, w, y, bias=b, anchor=(xr, wr, br), anchor_weight=1.0, backend="torch").backward()
     assert w.grad is not None and xr.grad is None and wr.grad is None
     with pytest.raises(ValueError, match="anchor_kind='jsd' has no triton kernels"):
         sftkey.linear_cross_entropy(x, w, y, anchor=(xr, wr), anchor_kind="jsd", backend="triton")
@@ -258,7 +258,7 @@ def test_anchor_is_frozen_and_refused_where_unsupported():
     with pytest.raises(ValueError, match="anchor_kind"):
         sftkey.linear_cross_entropy(x, w, y, anchor=(xr, wr), anchor_kind="kl")
     with pytest.raises(ValueError, match="V=12 but weight has V=11"):
-        sftkey.linear_cross_entropy(x, w, y, anchor=(xr, torch.zeros(12, 8)))
+        sftkey.linear_cross_entropy(x, w, y, anchor=(xr, torch.zeros(12, 8)), anchor_weight=1.0)
 
 
 def _args():
@@ -330,7 +330,7 @@ def test_anchored_loss_with_weights_that_need_a_gradient_and_all_ignored():
     for name, got, want in zip(("loss", "hidden", "weight", "token_weights"), *results):
         assert_close(got, want, torch.float64, name)
     ignored = torch.full_like(y, -100)
-    loss = sftkey.linear_cross_entropy(x, w, ignored, bias=b, anchor=(xr, wr, br), backend="torch")
+    loss = sftkey.linear_cross_entropy(x, w, ignored, bias=b, anchor=(xr, wr, br), anchor_weight=1.0, backend="torch")
     grad, = torch.autograd.grad(loss, x)
     assert loss.item() == 0.0 and float(grad.abs().max()) == 0.0
 

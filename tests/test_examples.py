@@ -24,6 +24,7 @@ def test_critical_tokens_example(tmp_path):
         assert (out[rule]["precision"], out[rule]["recall"]) == (1.0, 1.0)
     assert out["any"]["critical_share"] > out["all"]["critical_share"] > 0
     assert out["rollouts"] == 2 * out["tried"] > 0
+    assert out["unanswered"] == 4 * out["correct"]               # a broken <Answer> or </Answer>, 2 ranks each
     assert out["cft_loss"] > 0
 
 
@@ -36,7 +37,7 @@ def test_critical_tokens_example_with_a_position_budget(tmp_path):
 
 def test_sed_threshold_example():
     out = _example("sed_threshold").main(["--warmup-steps", "3", "--sed-steps", "1"])
-    assert out["loss_class"]["tau"] == 0.95
+    assert out["sed_triton"]["tau"] == 0.95
     for name in ("trainer", "paper_script", "consistent"):
         assert 0 < out[name]["tau"] <= 1
     # calibrated with the gate's own k on the trained tokens: the share gated is the quantile

@@ -183,8 +183,10 @@ def test_stage2_key_tokens_only(tok):
     assert "42" in _key_text(tok, f) and "compute" not in _key_text(tok, f)
     assert f["input_ids"] == encode_example(tok, RESPONSE, PROMPT, stage=1)["input_ids"]  # context kept
     assert all((lab == IGNORE_INDEX) == (wt == 0.0) for lab, wt in zip(f["labels"], f["token_weights"]))
-    assert f["labels"][-1] == IGNORE_INDEX  # EOS is not a key token by default
+    assert f["labels"][-1] == tok.eos_token_id and f["token_weights"][-1] == 1.0  # EOS trained: stage 2 still stops
     assert report == KeySpanReport(examples=1, with_key=1, by_pattern={"answer_tag": 1})
+    no_eos = encode_example(tok, RESPONSE, PROMPT, include_eos=False)
+    assert no_eos["labels"][-1] == IGNORE_INDEX and _key_text(tok, no_eos).strip() == "42"
 
 
 def test_include_tags_and_eos(tok):
@@ -213,7 +215,7 @@ def test_blend_weights(tok):
     ],
 )
 def test_decoded_key_tokens_contain_answer(tok, response, answer):
-    f = encode_example(tok, response, "Q: ?\n")
+    f = encode_example(tok, response, "Q: ?\n", include_eos=False)
     key = _key_text(tok, f)
     assert answer in key and len(key) < len(answer) + 6  # overlapping tokens may add a char or two
 
@@ -232,8 +234,8 @@ def test_chat_template_that_trims(tok):
     tok2 = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="</s>", bos_token="<s>")
     tok2.chat_template = TRIMMING
     f = encode_example(tok2, "  think \\boxed{7}  \n", messages=[{"role": "user", "content": "q"}], stage=1)
-    assert _key_text(tok2, f) == " think \\boxed{7}</s>"  # the template trimmed; " think" is one token
-    assert "7" == _key_text(tok2, encode_example(tok2, "think \\boxed{7}", messages=[])).strip()
+    assert _key_text(tok2, f) == "think \\boxed{7}</s>"  # trimmed; the space before it is the template's
+    assert "7</s>" == _key_text(tok2, encode_example(tok2, "think \\boxed{7}", messages=[])).strip()
 
 
 def test_chat_template_must_render_response(tok):
@@ -285,7 +287,8 @@ def test_build_features_report_and_collation(tok):
         {"response": "I give up."},
         {"response": "#### 5"},
     ]
-    feats, report = build_features(tok, examples, no_key="drop", max_length=64)
+    with pytest.warns(UserWarning, match=r"1 of 5 examples .* dropped .* examples\[3\], ends 'I give up\.'"):
+        feats, report = build_features(tok, examples, no_key="drop", max_length=64)
     assert len(feats) == report.kept == 4
     assert (report.examples, report.with_key, report.without_key, report.dropped) == (5, 4, 1, 1)
     assert report.by_pattern == {"answer_tag": 1, "the_answer_is": 1, "boxed": 1, "gsm8k": 1}
@@ -329,3 +332,61 @@ def test_build_features_validation(tok):
         build_features(tok, [{"response": "a", "id": 3}])
     with pytest.raises(TypeError, match="report"):
         build_features(tok, [], report=KeySpanReport())
+
+
+# ---------------------------------------------------------------- issue 25: no silent drops, separators, TRL rows
+
+@pytest.mark.parametrize("text, key", [
+    ("3 + 5 = 8 . #### 8", "8"),                 # inline, as a decode without newlines writes it
+    ("so 8 #### 8\n#### 9", "9"),                # the last of inline and line-start keys
+    ("compute 99 + 1 then\n#### 100", "100"),    # the line-start form
+])
+def test_gsm8k_key_inline_and_at_line_start(text, key):
+    span = find_key_span(text, "gsm8k")
+    assert span is not None and text[span[0]:span[1]] == key
+    assert find_key_span("a####8", "gsm8k") is None          # #### inside a word is no marker
+
+
+def test_inline_gsm8k_keys_are_kept(tok):
+    examples = [{"prompt": f"Q : {a} + 5 ?\n", "response": f"{a} + 5 = {a + 5} . #### {a + 5}"} for a in range(8)]
+    feats, report = build_features(tok, examples, stage=2)
+    assert len(feats) == 8 and report.with_key == 8 and report.dropped == 0
+    assert _key_text(tok, feats[3]).replace("</s>", "").strip() == "8"
+
+
+def test_build_features_raises_when_it_drops_everything(tok):
+    with pytest.raises(ValueError, match=r"every example was dropped.*2 of 2 examples.*examples\[0\]"):
+        build_features(tok, [{"prompt": "Q\n", "response": "no idea"}, {"response": "none either"}], stage=2)
+    with pytest.warns(UserWarning, match="1 of 2"):
+        feats, _ = build_features(tok, [{"response": "no idea"}, {"response": "#### 5"}])
+    assert len(feats) == 1
+
+
+def test_prompt_and_response_are_tokenized_apart(tok):
+    """A token across the boundary ("the" + "n" -> "then") would be labelled as response: the
+    two parts are tokenized separately, as generation sees them."""
+    prompt, response = "so we add the", "n multiply. The answer is 5."
+    def count(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    assert count(prompt + response) < count(prompt) + count(response)
+    f = encode_example(tok, response, prompt, stage=1)
+    head = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    assert f["input_ids"] == head + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert _key_text(tok, f) == response + "</s>"
+    assert f["labels"][:len(head)] == [IGNORE_INDEX] * len(head)
+
+
+def test_trl_rows(tok):
+    user = [{"role": "user", "content": "12 + 30?"}]
+    assistant = [{"role": "assistant", "content": RESPONSE}]
+    ours = build_features(tok, [{"prompt": PROMPT, "response": RESPONSE}, {"messages": user, "response": RESPONSE}])[0]
+    trl = build_features(tok, [{"prompt": PROMPT, "completion": RESPONSE},
+                               {"prompt": user, "completion": assistant}])[0]
+    assert trl == ours
+    assert build_features(tok, [{"messages": user + assistant}])[0] == ours[1:]
+    for bad, match in (({"messages": user}, "ending with the assistant"),
+                       ({"prompt": user, "completion": assistant * 2}, "one assistant message"),
+                       ({"prompt": "q", "completion": "a", "extra": 1}, r"unexpected keys \['extra'\]")):
+        with pytest.raises(ValueError, match=match):
+            build_features(tok, [bad])

@@ -33,7 +33,7 @@ FAST = [(b, dt) for b in backends() for dt in (torch.float32, torch.bfloat16)] +
 
 
 @pytest.mark.parametrize("backend, dtype", FAST, ids=str)
-@pytest.mark.parametrize("k", [1, 2, 10, 16])
+@pytest.mark.parametrize("k", [1, 2, 10, 20])
 @pytest.mark.parametrize("quantile", [0.0, 0.3, 0.7, 1.0])
 def test_threshold_from_stats_matches_materialized_quantile(backend, dtype, k, quantile):
     w, batches = _heads()
@@ -126,13 +126,92 @@ def test_settings_run_end_to_end(tiny_llama, name):
     tiny_llama.zero_grad()
 
 
-def test_trainer_and_paper_settings_are_the_authors():
-    s = methods.SED_SFT_SETTINGS
-    assert (s["loss_class"].lam, s["loss_class"].k, s["loss_class"].threshold) == (0.2, 2, 0.95)
-    for name, cumsum_ratio in (("trainer", 0.3), ("paper_script", 0.7)):
-        assert (s[name].lam, s[name].k, s[name].calibration_k, s[name].tokens) == (1.0, 2, 10, "all")
-        assert s[name].quantile == pytest.approx(1 - cumsum_ratio)
-    assert s["consistent"].calibration_k == s["consistent"].k
+def _authors_sed_loss(logits, labels, lam, k, tau):
+    """SEDLoss as the authors' sft_trainer_v2 runs it, on materialized logits: ``ce +
+    lam * [top-k probability sum < tau] * (p_y (p_y - 1) + 1/4)``, the mean over labelled tokens."""
+    z, y = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    keep = y != -100
+    z, y = z[keep], y[keep]
+    probs = torch.softmax(z, -1)
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    p = probs[torch.arange(len(y)), y]
+    gate = probs.topk(k, -1).values.sum(-1) < tau
+    return (ce + (p * (p - 1) + 0.25) * gate * lam).sum() / keep.sum()
+
+
+def _authors_threshold(model, data, top_k, cumsum_ratio, num_samples=100):
+    """train.py's compute_cumsum_threshold: the top-k mass at every position of the first
+    samples, ``sorted(masses)[-int(cumsum_ratio * n)]``."""
+    masses = []
+    for item in data[:num_samples]:
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([item["input_ids"]])).logits, -1)
+        masses += probs.topk(top_k, -1).values.sum(-1)[0].tolist()
+    return sorted(masses)[-int(cumsum_ratio * len(masses))]
+
+
+def test_sed_triton_run_is_the_authors_loss(tiny_llama):
+    s = methods.SED_SFT_SETTINGS["sed_triton"]
+    assert s.threshold is not None
+    data = _val_data()
+    n = min(len(data[-1]["input_ids"]), len(data[-2]["input_ids"]))
+    ids = torch.tensor([data[-1]["input_ids"][:n], data[-2]["input_ids"][:n]])
+    labels = torch.tensor([data[-1]["labels"][:n], data[-2]["labels"][:n]])
+    hidden = tiny_llama.model(input_ids=ids).last_hidden_state.detach()
+    want = _authors_sed_loss(hidden @ tiny_llama.lm_head.weight.detach().T, labels, 1.0, 10, 0.95)
+    st = sftkey.logit_stats(hidden[:, :-1], tiny_llama.lm_head.weight.detach(), labels[:, 1:], topk=s.k)
+    got = methods.reduce(methods.sed_sft(st, lam=s.lam, threshold=s.threshold, k=s.k), st)
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+    assert got.item() == pytest.approx(methods.reduce(methods.sed_sft(st), st).item(), rel=1e-12)  # the defaults
+
+
+@pytest.mark.parametrize("name, cumsum_ratio", [("trainer", 0.3), ("paper_script", 0.7)])
+def test_calibrated_runs_are_the_authors_threshold(tiny_llama, name, cumsum_ratio):
+    """Their order statistic over every position; ours interpolates over every position but
+    the last: the two lie within the spread of neighbouring masses."""
+    s = methods.SED_SFT_SETTINGS[name]
+    data = _val_data(n=40)
+    want = _authors_threshold(tiny_llama, data, s.calibration_k, cumsum_ratio)
+    got = methods.calibrate_sed_threshold(tiny_llama, s.quantile, s.calibration_k, data=data,
+                                          num_samples=s.num_samples, tokens=s.tokens, backend="torch")
+    assert s.k == 2 and s.lam == 1.0 and s.tokens == "all"
+    assert got == pytest.approx(want, rel=2e-3)
+
+
+def test_calibration_states_its_choices_and_takes_k_20(tiny_llama):
+    w, batches = _heads(1)
+    (h, y), = batches
+    st = sftkey.logit_stats(h, w, y, topk=2)
+    with pytest.raises(TypeError):
+        methods.calibrate_sed_threshold([st])                              # no default quantile, k
+    with pytest.raises(ValueError, match="tokens"):
+        methods.calibrate_sed_threshold(tiny_llama, 0.3, 2, data=_val_data())  # nor tokens with a model
+    tau = methods.calibrate_sed_threshold(tiny_llama, 0.3, 20, data=_val_data(), tokens="all", backend="torch")
+    assert 0 < tau <= 1
+    with pytest.raises(ValueError, match=r"^k: expected an int in \[1, 32\]"):
+        methods.calibrate_sed_threshold(tiny_llama, 0.3, 40, data=_val_data(), tokens="all")
+
+
+def test_calibration_on_a_peft_model(tiny_llama):
+    peft = pytest.importorskip("peft")
+    import copy
+    data = _val_data()
+    plain = methods.calibrate_sed_threshold(tiny_llama, 0.3, 2, data=data, tokens="labels", backend="torch")
+    same = peft.get_peft_model(copy.deepcopy(tiny_llama), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert methods.calibrate_sed_threshold(same, 0.3, 2, data=data, tokens="labels", backend="torch") == \
+        pytest.approx(plain, rel=1e-12)                                    # LoRA starts as the identity
+    torch.manual_seed(1)
+    moved = peft.get_peft_model(copy.deepcopy(tiny_llama),
+                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    masses = []
+    for item in data:
+        with torch.no_grad():
+            logits = moved(input_ids=torch.tensor([item["input_ids"]])).logits[0, :-1]
+        keep = torch.tensor(item["labels"][1:]) != -100
+        masses.append(torch.softmax(logits.double(), -1).topk(2, -1).values.sum(-1)[keep])
+    got = methods.calibrate_sed_threshold(moved, 0.3, 2, data=data, tokens="labels", backend="torch")
+    assert got == pytest.approx(torch.quantile(torch.cat(masses), 0.3).item(), rel=1e-9)
+    assert got != pytest.approx(plain, rel=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -165,18 +244,20 @@ def test_bad_arguments(tiny_llama):
     with pytest.raises(ValueError, match="k: expected"):
         methods.calibrate_sed_threshold([st], 0.3, k=0)
     with pytest.raises(ValueError, match="quantile"):
-        methods.calibrate_sed_threshold([st], 1.5)
+        methods.calibrate_sed_threshold([st], 1.5, 2)
     with pytest.raises(ValueError, match="tokens"):
-        methods.calibrate_sed_threshold([st], 0.3, tokens="some")
+        methods.calibrate_sed_threshold(tiny_llama, 0.3, 2, data=_val_data(), tokens="some")
+    with pytest.raises(ValueError, match="data, tokens"):
+        methods.calibrate_sed_threshold([st], 0.3, 2, data=[{}])
+    with pytest.raises(ValueError, match="data, tokens"):
+        methods.calibrate_sed_threshold([st], 0.3, 2, tokens="all")
     with pytest.raises(ValueError, match="data"):
-        methods.calibrate_sed_threshold([st], 0.3, data=[{}])
-    with pytest.raises(ValueError, match="data"):
-        methods.calibrate_sed_threshold(tiny_llama, 0.3)
+        methods.calibrate_sed_threshold(tiny_llama, 0.3, 2, tokens="all")
     with pytest.raises(ValueError, match="labels"):
-        methods.calibrate_sed_threshold(tiny_llama, 0.3, data=[{"input_ids": [1, 2, 3]}])
+        methods.calibrate_sed_threshold(tiny_llama, 0.3, 2, data=[{"input_ids": [1, 2, 3]}], tokens="labels")
     with pytest.raises(TypeError, match="LogitStats"):
-        methods.calibrate_sed_threshold([h], 0.3)
+        methods.calibrate_sed_threshold([h], 0.3, 2)
     with pytest.raises(ValueError, match="no token"):
-        methods.calibrate_sed_threshold([sftkey.logit_stats(h, w, torch.full_like(y, -100), topk=2)], 0.3)
+        methods.calibrate_sed_threshold([sftkey.logit_stats(h, w, torch.full_like(y, -100), topk=2)], 0.3, 2)
     with pytest.raises(ValueError, match="num_samples"):
-        methods.calibrate_sed_threshold(tiny_llama, 0.3, data=_val_data(), num_samples=0)
+        methods.calibrate_sed_threshold(tiny_llama, 0.3, 2, data=_val_data(), tokens="all", num_samples=0)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, needs_kernels  # noqa: E402
-from sftkey.backends.engine import Head, Needs, StatGrads  # noqa: E402
+from sftkey.backends.engine import MAX_TOPK, Head, Needs, StatGrads  # noqa: E402
 from sftkey.backends.triton_fused import FusedTritonBackend  # noqa: E402
 from sftkey.kernels.configs import INTERPRETED, INTERPRETER, tile_args  # noqa: E402
 from sftkey.testing import assert_close  # noqa: E402
@@ -197,4 +197,4 @@ def test_input_errors():
     with pytest.raises(ValueError, match="contiguous"):
         be.forward(Head(head.x.T.contiguous().T, head.w, head.b, head.y, None, None))
     with pytest.raises(ValueError, match="topk"):
-        be.forward(head, topk=17)
+        be.forward(head, topk=MAX_TOPK + 1)

@@ -37,7 +37,7 @@ from . import products
 LOWP_DTYPES = products.LOWP_DTYPES
 FLOAT_DTYPES = (torch.float32, *LOWP_DTYPES, torch.float64)
 #: The most top-k logits a backend returns per token.
-MAX_TOPK = 16
+MAX_TOPK = 32
 #: Groups and blocks hold a multiple of this many rows (at least this many).
 ROW_ALIGN = 16
 #: float32 slices of a bf16/fp16 W where its products are formed in float32.

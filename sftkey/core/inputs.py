@@ -250,7 +250,7 @@ def _check_option_tensors(options: Options, targets: Tensor, vocab_size: int) ->
 
 
 def check_topk(topk, vocab_size: int) -> None:
-    """``topk`` is an int in ``[0, min(16, V)]``."""
+    """``topk`` is an int in ``[0, min(MAX_TOPK, V)]``."""
     if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be an int in [0, {MAX_TOPK}], got {topk!r}")
     if topk > vocab_size:
@@ -259,15 +259,22 @@ def check_topk(topk, vocab_size: int) -> None:
 
 def check_values_of(targets: Tensor, vocab_size: int, ignore_index: int, token_weights: Optional[Tensor]) -> None:
     """The checks that read the tensors' values on the host: the targets lie in ``[0, V)`` or
-    equal ``ignore_index``; the token weights are >= 0 (a negative weight would turn its
-    token's loss into a reward for lowering the target's probability, and could make the
-    ``"mean"`` denominator 0 or negative)."""
+    equal ``ignore_index``; the token weights are >= 0 and finite (a negative weight would turn
+    its token's loss into a reward for lowering the target's probability, and could make the
+    ``"mean"`` denominator 0 or negative; an infinite one makes the mean inf / inf = NaN)."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         value = int(targets[bad].flatten()[0])
         raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {value}")
-    if token_weights is not None:
-        bad = ~(token_weights >= 0)
-        if bool(bad.any()):
-            value = float(token_weights[bad].flatten()[0])
-            raise ValueError(f"token_weights must be >= 0 (a weight per token, 0 to leave it out); found {value}")
+    check_token_weights(token_weights)
+
+
+def check_token_weights(token_weights: Optional[Tensor]) -> None:
+    """``token_weights``, when given, are >= 0 and finite (:func:`check_values_of`)."""
+    if token_weights is None:
+        return
+    bad = ~((token_weights >= 0) & torch.isfinite(token_weights))
+    if bool(bad.any()):
+        value = float(token_weights[bad].flatten()[0])
+        raise ValueError(f"token_weights must be >= 0 and finite (a weight per token, 0 to leave it out); "
+                         f"found {value}")

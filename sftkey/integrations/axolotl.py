@@ -8,7 +8,7 @@ Switched on in the YAML like Axolotl's Liger and Cut Cross-Entropy plugins::
     sftkey_preset: dft             # sft (default), dft, or asft (DFT + KL to the frozen base model)
     sftkey_z_loss: 1.0e-4          # optional loss options, each refining the preset
     sftkey_entropy_weight: 0.0
-    sftkey_anchor_weight: 0.1      # asft's KL weight (default sftkey.methods.ASFT_KL_WEIGHT)
+    sftkey_anchor_weight: 0.1      # asft's KL weight (default sftkey.methods.ASFT_ANCHOR_WEIGHT)
     sftkey_token_weights: true     # batches carry the dataset's token_weights column
 
 The trainer is Axolotl's own (``AxolotlTrainer``) with
@@ -43,12 +43,12 @@ from pydantic import BaseModel, model_validator
 
 from .trainer import WEIGHT_COLUMNS, FusedLossMixin
 from ..methods.data import TokenWeightCollator
-from ..methods.presets import ASFT_KL_WEIGHT
+from ..methods.presets import ASFT_ANCHOR_WEIGHT
 
 __all__ = ["SFTKeyPlugin", "SFTKeyArgs", "SFTKeyAxolotlTrainer", "PRESETS"]
 
 #: ``sftkey_preset`` -> the loss options it sets (``asft`` also anchors to a frozen copy of the model).
-PRESETS = {"sft": {}, "dft": {"dft": True}, "asft": {"dft": True, "anchor_weight": ASFT_KL_WEIGHT}}
+PRESETS = {"sft": {}, "dft": {"dft": True}, "asft": {"dft": True, "anchor_weight": ASFT_ANCHOR_WEIGHT}}
 
 #: Settings that another component reads, under which sftkey's loss would not be the one trained.
 _REFUSED = {

@@ -65,7 +65,7 @@ class FusedLossMixin:
     * ``reference_model`` (a frozen causal LM on the model's device) and ``loss_options`` (the
       defaults of :func:`~sftkey.integrations.transformers.use_fused_loss`) go to the patch made
       here. ASFT: ``SFTKeyTrainer(..., reference_model=ref, loss_options=dict(dft=True,
-      anchor_weight=0.1))``.
+      anchor_weight=0.1))``; EAFT: ``loss_options=dict(eaft="llamafactory")``.
     """
 
     def __init__(self, *args, reference_model=None, loss_options: Optional[Mapping[str, Any]] = None, **kwargs):

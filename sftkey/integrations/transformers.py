@@ -115,13 +115,16 @@ _MIXIN = ("sftkey.integrations.trainer.FusedLossMixin (sftkey.methods.trainer.SF
           "sftkey.integrations.trl.FusedSFTTrainer for TRL)")
 
 
-def use_fused_loss(model: nn.Module, reference_model: Optional[nn.Module] = None, **options) -> "FusedLossHandle":
+def use_fused_loss(model: nn.Module, reference_model: Optional[nn.Module] = None, *, eaft=None,
+                   **options) -> "FusedLossHandle":
     """Make ``model`` (a Hugging Face causal LM, or a PEFT model around one) compute its loss
     with :func:`sftkey.linear_cross_entropy` whenever it is called with ``labels``.
 
     ``options``: defaults for the :data:`LOSS_OPTIONS`. ``reference_model``: a frozen causal
     LM with the same vocabulary whose final hidden states and LM head are the loss's
-    ``anchor`` (see the module docstring). Returns a :class:`FusedLossHandle`;
+    ``anchor`` (see the module docstring). ``eaft``: EAFT's settings (a name of
+    :data:`sftkey.methods.EAFT_SETTINGS` or an ``EaftSettings``): the loss is
+    :func:`sftkey.methods.eaft_loss`. Returns a :class:`FusedLossHandle`;
     ``handle.remove()`` restores the forward, and ``with use_fused_loss(model): ...`` patches
     for the block only.
     """
@@ -131,8 +134,11 @@ def use_fused_loss(model: nn.Module, reference_model: Optional[nn.Module] = None
     anchoring = sorted(k for k in options if k.startswith("anchor_"))
     if anchoring and reference_model is None:
         raise ValueError(f"use_fused_loss: {', '.join(anchoring)} given without a reference_model to anchor to")
+    if eaft is not None:
+        from sftkey.methods.eaft import eaft_settings
+        eaft = eaft_settings(eaft)
     return FusedLossHandle(_causal_lm(model), options,
-                           None if reference_model is None else _checked_reference(_causal_lm(reference_model)))
+                           None if reference_model is None else _checked_reference(_causal_lm(reference_model)), eaft)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -150,7 +156,7 @@ class FusedLossHandle:
     """The patch of one model's forward and its LM head's; :meth:`remove` (or leaving a
     ``with`` block) undoes it."""
 
-    def __init__(self, model: nn.Module, options: dict, reference: Optional[nn.Module] = None):
+    def __init__(self, model: nn.Module, options: dict, reference: Optional[nn.Module] = None, eaft=None):
         if is_patched(model):
             raise ValueError("use_fused_loss: the model is already patched; remove() the first patch")
         head = model.get_output_embeddings()
@@ -159,7 +165,7 @@ class FusedLossHandle:
         _refuse_adapter(head)
         if isinstance(getattr(head, _HEAD_ATTR, None), FusedLossHandle):
             raise ValueError("use_fused_loss: the LM head is patched by another model's patch; remove() it first")
-        self.model, self.head, self.options, self.reference = model, head, options, reference
+        self.model, self.head, self.options, self.reference, self.eaft = model, head, options, reference, eaft
         self._saved = model.__dict__.get("forward", _MISSING)
         self._head_saved = head.__dict__.get("forward", _MISSING)
         self._call_original = _unbound(model.forward, model)
@@ -303,9 +309,12 @@ class FusedLossHandle:
         if self.scale != 1.0:
             hidden = hidden * self.scale
             bias = None if bias is None else bias * self.scale
-        return sftkey.linear_cross_entropy(
-            hidden, weight, targets.to(hidden.device), bias=bias, softcap=self.softcap, shift=shift,
-            normalizer=normalizer, **options)
+        loss = sftkey.linear_cross_entropy
+        if self.eaft is not None:
+            from sftkey.methods.eaft import eaft_loss
+            loss = functools.partial(eaft_loss, settings=self.eaft)
+        return loss(hidden, weight, targets.to(hidden.device), bias=bias, softcap=self.softcap, shift=shift,
+                    normalizer=normalizer, **options)
 
     def _measure_scale(self, model: nn.Module, out) -> float:
         """The factor ``s`` such that the forward turns head outputs ``z`` into

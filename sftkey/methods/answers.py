@@ -59,9 +59,10 @@ def answers_match(answer: str, reference: Reference) -> bool:
 
 
 class AnswerChecker:
-    """``checker(response, reference) -> bool``: the response's key answer
+    """``checker(response, reference) -> bool | None``: whether the response's key answer
     (:func:`sftkey.methods.keys.find_key_span` with ``patterns`` and ``occurrence``) matches
-    ``reference`` by :func:`answers_match`; a response without an answer is wrong."""
+    ``reference`` by :func:`answers_match`; None (falsy: wrong) when the response has no answer,
+    so that a search can count the responses it could not check."""
 
     def __init__(self, patterns: Union[keys.KeyPattern, Sequence[keys.KeyPattern]] = keys.DEFAULT_PATTERNS,
                  occurrence: str = "last"):
@@ -73,6 +74,6 @@ class AnswerChecker:
         span = keys.find_key_span(response, self.patterns, occurrence=self.occurrence)
         return None if span is None else response[span[0]:span[1]]
 
-    def __call__(self, response: str, reference: Reference) -> bool:
+    def __call__(self, response: str, reference: Reference) -> Optional[bool]:
         answer = self.extract(response)
-        return answer is not None and answers_match(answer, reference)
+        return None if answer is None else answers_match(answer, reference)

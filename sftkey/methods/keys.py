@@ -14,10 +14,16 @@ Conventions:
   and ``</Answer>``, ``\\boxed{`` and ``}``, ``The answer is``, ``####``; for a caller's regex,
   the whole match around group 1).
 * A token is a key token when its ``offset_mapping`` span overlaps the key span.
-* Response tokens are those overlapping the response text, plus the end-of-response tokens
-  right after it: the special tokens (EOS, a chat template's end-of-turn) that follow it,
-  with any whitespace tokens between. They are trained in stage 1; ``include_eos=True``
-  also counts them as key tokens, so stage 2 still teaches the model to stop.
+* The text before the response (the prompt with the tokenizer's special tokens, or a chat
+  template's rendering up to the response) and the response are tokenized separately and
+  their ids concatenated, as generation sees them: the prompt alone, then its continuation.
+  No token crosses the boundary; a separator (a space, a newline) is the caller's to write
+  into the prompt or the response.
+* Response tokens are those of the response text, plus the end-of-response tokens right
+  after it: the special tokens (EOS, a chat template's end-of-turn) that follow it, with any
+  whitespace tokens between. They are trained in stage 1; with ``include_eos=True`` (the
+  default) they also count as key tokens, so stage 2 still teaches the model to stop
+  (without them, a key-only stage 2 unlearns stopping: examples/README.md).
 * A response token whose weight is 0 gets label ``-100``: stage 2 keeps the chain of thought
   as input (context) but ignores it as a target, so any loss (Hugging Face's own, a
   ``num_items_in_batch`` normalizer, token accuracy) counts the key tokens only.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
@@ -102,7 +109,7 @@ KEY_PATTERNS: dict[str, Callable[[str], list[KeyMatch]]] = {
     "answer_tag": _regex_finder(re.compile(r"<Answer>(.*?)</Answer>", re.S)),
     "answer_tag_lower": _regex_finder(re.compile(r"<answer>(.*?)</answer>", re.S)),
     "boxed": _boxed,
-    "gsm8k": _regex_finder(re.compile(r"^####(.*)$", re.M)),
+    "gsm8k": _regex_finder(re.compile(r"(?:^|(?<=\s))####(.*)$", re.M)),
     "the_answer_is": _regex_finder(re.compile(r"\b[Tt]he (?:final )?answer is:?" + _TO_SENTENCE_END)),
     "answer_zh": _regex_finder(re.compile(r"(?:最终)?答案(?:是|为|：|:)" + _TO_SENTENCE_END_ZH)),
 }
@@ -110,8 +117,9 @@ KEY_PATTERNS: dict[str, Callable[[str], list[KeyMatch]]] = {
 
 ``answer_tag``: the paper's ``<Answer>...</Answer>`` (case-sensitive, closed tags only);
 ``answer_tag_lower``: ``<answer>...</answer>``; ``boxed``: ``\\boxed{...}`` with nested
-braces, outermost boxes only; ``gsm8k``: a line starting with ``####``, to the end of the
-line (a Markdown ``####`` heading matches too); ``the_answer_is``: ``The (final) answer is``
+braces, outermost boxes only; ``gsm8k``: ``####`` at the start of a line or after whitespace
+(``"... = 8 . #### 8"``, as a decode that loses newlines writes it), to the end of the line (a
+Markdown ``####`` heading matches too); ``the_answer_is``: ``The (final) answer is``
 to the end of the sentence or line; ``answer_zh``: ``答案是`` / ``答案：`` to ``。`` or the line end.
 """
 
@@ -256,20 +264,50 @@ def _render_chat(tokenizer, messages: list, response: str) -> tuple[str, int, in
     raise ValueError("messages: the chat template does not render the response text verbatim; cannot locate it")
 
 
+def _encode(tokenizer, text: str, offset: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and offsets (shifted by ``offset``) of ``text`` tokenized on its own, no special tokens."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    return list(enc["input_ids"]), [(s + offset, e + offset) for s, e in enc["offset_mapping"]]
+
+
+def _special_ends(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text (BOS; an EOS some add)."""
+    marker = "x"
+    plain = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    full = tokenizer(marker, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    return [], []
+
+
+def prompt_ids(tokenizer, prompt: Optional[str]) -> list[int]:
+    """The token ids of ``prompt`` as generation continues it: the tokenizer's leading special
+    tokens (BOS), then the prompt's own tokens (not the special tokens some tokenizers append)."""
+    before, _ = _special_ends(tokenizer)
+    return before + _encode(tokenizer, prompt or "", 0)[0]
+
+
 def _tokenize(tokenizer, response: str, prompt: Optional[str], messages: Optional[list], add_eos: bool):
-    """``(text, response start, response end, ids, offsets)`` of one example."""
+    """``(text, response start, response end, ids, offsets)`` of one example: the text before
+    the response and the rest tokenized separately (module docstring)."""
     if messages is not None:
         text, start, end = _render_chat(tokenizer, messages, response)
-        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-        return text, start, end, list(enc["input_ids"]), list(enc["offset_mapping"])
-    text = (prompt or "") + response
-    enc = tokenizer(text, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        head_ids, head_offsets = _encode(tokenizer, text[:start], 0)
+        rest_ids, rest_offsets = _encode(tokenizer, text[start:], start)
+        return text, start, end, head_ids + rest_ids, head_offsets + rest_offsets
+    prompt = prompt or ""
+    text = prompt + response
+    before, after = _special_ends(tokenizer)
+    head_ids, head_offsets = _encode(tokenizer, prompt, 0)
+    rest_ids, rest_offsets = _encode(tokenizer, response, len(prompt))
+    ids = before + head_ids + rest_ids + after
+    offsets = [(0, 0)] * len(before) + head_offsets + rest_offsets + [(len(text), len(text))] * len(after)
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
         offsets.append((len(text), len(text)))
-    return text, len(text) - len(response), len(text), ids, offsets
+    return text, len(prompt), len(text), ids, offsets
 
 
 def _end_tokens(text: str, ids: list[int], offsets: list, after: int, special: set[int]) -> range:
@@ -304,7 +342,7 @@ def encode_example(
     patterns: Union[KeyPattern, Sequence[KeyPattern]] = DEFAULT_PATTERNS,
     occurrence: str = "last",
     include_tags: bool = False,
-    include_eos: bool = False,
+    include_eos: bool = True,
     add_eos: bool = True,
     max_length: Optional[int] = None,
     no_key: str = "drop",
@@ -389,25 +427,73 @@ def encode_example(
     }
 
 
-def build_features(tokenizer, examples: Iterable[Mapping[str, Any]], **options) -> tuple[list[dict], KeySpanReport]:
-    """Encode ``examples`` (mappings with ``"response"`` and optionally ``"prompt"`` or
-    ``"messages"``) with :func:`encode_example`'s ``options``; dropped examples are left out.
+def _example_fields(example: Any, i: int) -> tuple[str, Optional[str], Optional[list]]:
+    """``(response, prompt, messages)`` of one example: this package's row (``response`` and
+    ``prompt`` or ``messages``, the turns before it) or a TRL row (``messages`` ending with the
+    assistant's turn; ``prompt`` and ``completion``, as strings or as message lists)."""
+    if not isinstance(example, Mapping):
+        raise ValueError(f"examples[{i}]: expected a mapping, got {type(example).__name__}")
+    keys = set(example)
+    if "response" in keys:
+        allowed = {"response", "prompt", "messages"}
+    elif "completion" in keys:
+        allowed = {"prompt", "completion"}
+    elif "messages" in keys:
+        allowed = {"messages"}
+    else:
+        raise ValueError(f"examples[{i}]: expected a 'response' (with 'prompt' or 'messages'), or TRL's 'prompt' "
+                         f"and 'completion', or 'messages' ending with the assistant's turn; got {sorted(keys)}")
+    unknown = keys - allowed
+    if unknown:
+        raise ValueError(f"examples[{i}]: unexpected keys {sorted(unknown)}; expected {sorted(allowed)} "
+                         "(remove the other columns first)")
+    if "response" in keys:
+        return example["response"], example.get("prompt"), example.get("messages")
+    if "completion" in keys:
+        prompt, completion = example.get("prompt"), example["completion"]
+        if isinstance(completion, str):
+            return completion, prompt, None
+        if not (isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], Mapping)
+                and completion[0].get("role") == "assistant"):
+            raise ValueError(f"examples[{i}]['completion']: expected a string or one assistant message")
+        if prompt is not None and not isinstance(prompt, list):
+            raise ValueError(f"examples[{i}]['prompt']: a conversational completion needs the prompt as messages")
+        return completion[0].get("content"), None, list(prompt or [])
+    messages = example["messages"]
+    if not (isinstance(messages, list) and messages and isinstance(messages[-1], Mapping)
+            and messages[-1].get("role") == "assistant"):
+        raise ValueError(f"examples[{i}]['messages']: expected a list of messages ending with the assistant's turn "
+                         "(the response to train on)")
+    return messages[-1].get("content"), None, list(messages[:-1])
 
-    Returns the features and the :class:`KeySpanReport` of the run.
+
+def build_features(tokenizer, examples: Iterable[Mapping[str, Any]], **options) -> tuple[list[dict], KeySpanReport]:
+    """Encode ``examples`` with :func:`encode_example`'s ``options``; dropped examples are left
+    out, with a warning that counts them and names the first, and a ``ValueError`` when every
+    example is dropped.
+
+    Rows: ``{"response", "prompt"}`` or ``{"response", "messages"}`` (the turns before the
+    response), or TRL's formats: ``{"prompt", "completion"}`` (strings, or a message list and
+    one assistant message) and ``{"messages"}`` ending with the assistant's turn. Other keys
+    are refused. Returns the features and the :class:`KeySpanReport` of the run.
     """
     if "report" in options:
         raise TypeError("report: build_features makes and returns its own report")
-    report, features = KeySpanReport(), []
+    report, features, first_dropped = KeySpanReport(), [], None
     for i, example in enumerate(examples):
-        if not isinstance(example, Mapping) or "response" not in example:
-            raise ValueError(f"examples[{i}]: expected a mapping with a 'response' key")
-        unknown = set(example) - {"response", "prompt", "messages"}
-        if unknown:
-            raise ValueError(f"examples[{i}]: unexpected keys {sorted(unknown)}; expected response, prompt, messages")
-        encoded = encode_example(
-            tokenizer, example["response"], example.get("prompt"), messages=example.get("messages"),
-            report=report, **options,
-        )
+        response, prompt, messages = _example_fields(example, i)
+        encoded = encode_example(tokenizer, response, prompt, messages=messages, report=report, **options)
         if encoded is not None:
             features.append(encoded)
+        elif first_dropped is None:
+            first_dropped = (i, response)
+    if report.dropped:
+        i, response = first_dropped
+        what = (f"{report.dropped} of {report.examples} examples have no key tokens (no key span found: "
+                f"{report.without_key}; key cut by max_length: {report.truncated}) and were dropped "
+                f"(no_key='drop'); the first, examples[{i}], ends {response[-80:]!r}. Patterns tried: "
+                f"{_check_patterns(options.get('patterns', DEFAULT_PATTERNS))}")
+        if not features:
+            raise ValueError(f"examples: every example was dropped. {what}")
+        warnings.warn(f"build_features: {what}", stacklevel=2)
     return features, report
