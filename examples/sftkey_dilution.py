@@ -12,10 +12,12 @@ order and differ only in the fillers:
 * ``deterministic`` (the negative control): the fillers continue a fixed cycle of the 16
   words from the prompt's start word, so the chain's loss can go to 0; equal length.
 
-Per seed and condition: stage 1 trains every response token (for a number of steps per
-condition, set on pilot seeds 100-102 so that SFT's accuracy is within 30-70%); then, from that
-model, each arm runs stage 2 for the same steps on the same batches, at every learning rate
-of ``--lrs``:
+Per seed and condition: stage 1 trains every response token at a constant learning rate,
+decodes the validation split every ``--stage1-check`` steps and stops at the first check
+whose accuracy reaches ``--stage1-target`` (so every seed starts stage 2 part-way up its
+learning curve, whenever it gets there); then, from that model, each arm runs stage 2 for the
+same steps on the same batches (cosine schedule, fresh AdamW), at every learning rate of
+``--lrs``:
 
 * ``SFT``: every response token (``keys.build_features(stage=1)``);
 * ``key-only``: the ``#### d`` line and EOS (``stage=2, patterns="gsm8k", include_tags=True,
@@ -32,8 +34,8 @@ Dilution predicts blend - SFT > 0 with random fillers and about 0 in the control
 is ``SFTKeyTrainer``'s fused loss (no logits).
 
     PYTHONPATH=. python examples/sftkey_dilution.py --jobs 2 --json examples/sftkey_dilution.json
-    PYTHONPATH=. python examples/sftkey_dilution.py --seeds 0 --stage1-steps-random 100 \
-        --stage1-steps-deterministic 100 --stage2-steps 20 --lrs 1e-3 --jobs 1    # a minute
+    PYTHONPATH=. python examples/sftkey_dilution.py --seeds 0 --stage1-max-steps 100 --stage2-steps 20 \
+        --lrs 1e-3 --jobs 1    # a minute
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import torch
-from transformers import PrinterCallback, TrainingArguments
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from sftkey.methods import keys
 from sftkey.methods.data import TokenWeightCollator
@@ -141,8 +143,23 @@ def arm_features(tokenizer, problems: list[dict], cot_weight: float) -> dict[str
     return features
 
 
+class StopAtAccuracy(TrainerCallback):
+    """Every ``every`` steps, ``measure()`` the model (a dict with ``answer_accuracy``) and stop
+    training at the first measure that reaches ``target``; ``checks`` keeps each step and measure."""
+
+    def __init__(self, measure, every: int, target: float):
+        self.measure, self.every, self.target, self.checks = measure, every, target, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self.checks.append((state.global_step, self.measure()))
+            if self.checks[-1][1]["answer_accuracy"] >= self.target:
+                control.should_training_stop = True
+
+
 def run_task(args, seed: int, condition: str) -> dict:
-    """One seed in one condition: stage 1, then every arm at every learning rate from it."""
+    """One seed in one condition: stage 1 up to the target accuracy, then every arm at every
+    learning rate from that model."""
     start, cpu = time.time(), time.process_time()
     torch.set_num_threads(args.threads)
     problems = make_problems(args.train + args.val + args.test, seed, condition, args.chain_length)
@@ -152,24 +169,36 @@ def run_task(args, seed: int, condition: str) -> dict:
     features = arm_features(tokenizer, train, args.cot_weight)
     collator = TokenWeightCollator.from_tokenizer(tokenizer, padding_side="right")
 
-    def fit(model, data: list[dict], steps: int, lr: float):
-        """Train ``model`` in place: ``steps`` steps at peak ``lr`` (cosine, 5% warm-up, fresh AdamW)."""
+    def fit(model, data: list[dict], steps: int, lr: float, schedule: str = "cosine", callbacks=()):
+        """Train ``model`` in place with a fresh AdamW: ``steps`` steps (or until a callback stops
+        it) at peak ``lr`` on ``schedule`` after a 5% warm-up."""
         with tempfile.TemporaryDirectory(prefix="sftkey_dilution_") as out:
             training = TrainingArguments(
                 out, per_device_train_batch_size=args.batch_size, max_steps=steps, learning_rate=lr,
-                lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, logging_steps=steps,
+                lr_scheduler_type=schedule, warmup_steps=0.05, weight_decay=0.0, logging_steps=steps,
                 save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=seed, data_seed=seed)
-            trainer = SFTKeyTrainer(model=model, args=training, train_dataset=data, data_collator=collator)
+            trainer = SFTKeyTrainer(model=model, args=training, train_dataset=data, data_collator=collator,
+                                    callbacks=list(callbacks))
             trainer.remove_callback(PrinterCallback)
             trainer.train()
         return model
 
     gc.freeze()  # the features: accelerate's gc.collect() after every train() would walk them each time
     try:
-        model = fit(build_model(tokenizer, args.hidden, args.layers, seed), features["SFT"],
-                    getattr(args, f"stage1_steps_{condition}"), args.stage1_lr)
+        model = build_model(tokenizer, args.hidden, args.layers, seed)
+
+        def measure() -> dict:
+            metrics = evaluate(model, tokenizer, val, collator)
+            model.train()
+            return metrics
+
+        stop = StopAtAccuracy(measure, args.stage1_check, args.stage1_target)
+        fit(model, features["SFT"], args.stage1_max_steps, args.stage1_lr, "constant_with_warmup", [stop])
+        steps, last = stop.checks[-1]  # the last step is a check: --stage1-max-steps is a multiple
         result = {"seed": seed, "condition": condition, "stage 1": {
-            "val": evaluate(model, tokenizer, val, collator), "test": evaluate(model, tokenizer, test, collator)}}
+            "steps": steps, "reached": last["answer_accuracy"] >= args.stage1_target,
+            "checks": [[step, m["answer_accuracy"]] for step, m in stop.checks],
+            "val": last, "test": evaluate(model, tokenizer, test, collator)}}
         for arm in ARMS:
             best, runs = None, []
             for lr in args.lrs:
@@ -224,8 +253,8 @@ def summarize(runs: list[dict]) -> dict:
         for setting in ("stage 1", *ARMS):
             tests = [r[setting]["test"] for r in rows]
             settings[setting] = {metric: spread([t[metric] for t in tests]) for metric in tests[0]}
-            if setting in ARMS:
-                settings[setting]["lr"] = [r[setting]["lr"] for r in rows]
+            settings[setting]["lr" if setting in ARMS else "steps"] = [
+                r[setting]["lr" if setting in ARMS else "steps"] for r in rows]
         contrasts = {}
         for arm in CONTRASTS:
             diffs = {r["seed"]: r[arm]["test"]["answer_accuracy"] - r["SFT"]["test"]["answer_accuracy"] for r in rows}
@@ -244,12 +273,12 @@ def summarize(runs: list[dict]) -> dict:
 def tables(summary: dict) -> str:
     """The summary as Markdown: test metrics per condition and setting, then the contrasts."""
     lines = ["| condition | after | answer accuracy, mean ± std [min, max] | format rate | chain accuracy | "
-             "answer loss | chosen lr (seeds) |", "|---|---|---|---|---|---|---|"]
+             "answer loss | stage-1 steps [min, max]; chosen lr (seeds) |", "|---|---|---|---|---|---|---|"]
     for condition, s in summary.items():
         for setting, m in s.get("settings", {}).items():
             a = m["answer_accuracy"]
-            lrs = ", ".join(f"{lr:g} ({n})" for lr, n in sorted(
-                {lr: m["lr"].count(lr) for lr in m["lr"]}.items())) if "lr" in m else "-"
+            lrs = (", ".join(f"{lr:g} ({m['lr'].count(lr)})" for lr in sorted(set(m["lr"]))) if "lr" in m
+                   else f"{statistics.fmean(m['steps']):.0f} [{min(m['steps'])}, {max(m['steps'])}]")
             lines.append(f"| {condition} | {setting} | {a['mean']:.3f} ± {a['std']:.3f} [{a['min']:.3f}, "
                          f"{a['max']:.3f}] | {m['format_rate']['mean']:.3f} | {m['chain_accuracy']['mean']:.3f} | "
                          f"{m['answer_loss']['mean']:.3f} | {lrs} |")
@@ -263,13 +292,14 @@ def tables(summary: dict) -> str:
 
 
 def per_seed_table(runs: list[dict]) -> str:
-    """Test answer accuracy per seed: stage 1 and each arm, per condition."""
+    """Test answer accuracy per seed: stage 1 (with its steps) and each arm, per condition."""
     conditions = [c for c in CONDITIONS if any(r["condition"] == c for r in runs)]
     by = {(r["seed"], r["condition"]): r for r in runs}
     head = " | ".join(f"{c}: {s}" for c in conditions for s in ("stage 1", *ARMS))
     lines = [f"| seed | {head} |", "|---|" + "---|" * (len(conditions) * (1 + len(ARMS)))]
     for seed in sorted({r["seed"] for r in runs}):
-        cells = [f"{by[seed, c][s]['test']['answer_accuracy']:.3f}" if (seed, c) in by else "-"
+        cells = [f"{by[seed, c][s]['test']['answer_accuracy']:.3f}" + (
+                 f" ({by[seed, c][s]['steps']})" if s == "stage 1" else "") if (seed, c) in by else "-"
                  for c in conditions for s in ("stage 1", *ARMS)]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -284,11 +314,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val", type=int, default=500, help="validation problems, which choose each arm's lr")
     parser.add_argument("--test", type=int, default=1000, help="held-out test problems, decoded greedily")
     parser.add_argument("--chain-length", type=int, default=40, help="filler words in the chain")
-    parser.add_argument("--stage1-steps-random", type=int, default=1050,
-                        help="stage-1 steps with random fillers (SFT at 30-70%% accuracy on the pilot seeds)")
-    parser.add_argument("--stage1-steps-deterministic", type=int, default=600,
-                        help="stage-1 steps with deterministic fillers (likewise)")
-    parser.add_argument("--stage1-lr", type=float, default=3e-3)
+    parser.add_argument("--stage1-target", type=float, default=0.3,
+                        help="stage 1 stops at the first check whose validation accuracy reaches this")
+    parser.add_argument("--stage1-check", type=int, default=50, help="stage-1 steps between checks")
+    parser.add_argument("--stage1-max-steps", type=int, default=3000,
+                        help="stage 1 stops here if it has not reached the target (a multiple of --stage1-check)")
+    parser.add_argument("--stage1-lr", type=float, default=3e-3, help="stage-1 learning rate (constant after warm-up)")
     parser.add_argument("--stage2-steps", type=int, default=100, help="stage-2 steps of every arm")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3],
                         help="stage-2 learning rates tried by every arm")
@@ -305,6 +336,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--jobs: expected >= 1, got {args.jobs}")
     if args.chain_length < 1:
         parser.error(f"--chain-length: expected >= 1, got {args.chain_length}")
+    if args.stage1_check < 1 or args.stage1_max_steps % args.stage1_check:
+        parser.error(f"--stage1-max-steps, --stage1-check: expected a multiple of a check >= 1, "
+                     f"got {args.stage1_max_steps}, {args.stage1_check}")
     return args
 
 

@@ -17,8 +17,8 @@ import sftkey_dilution as dilution  # noqa: E402
 
 from sftkey.methods import keys  # noqa: E402
 
-TINY = ["--train", "200", "--val", "20", "--test", "30", "--chain-length", "6", "--stage1-steps-random", "4",
-        "--stage1-steps-deterministic", "3", "--stage2-steps", "2", "--lrs", "1e-3", "3e-3", "--batch-size", "8",
+TINY = ["--train", "200", "--val", "20", "--test", "30", "--chain-length", "6", "--stage1-max-steps", "6",
+        "--stage1-check", "2", "--stage2-steps", "2", "--lrs", "1e-3", "3e-3", "--batch-size", "8",
         "--hidden", "16", "--layers", "1"]
 
 
@@ -113,7 +113,7 @@ def test_grade_is_format_gated():
 def _run(seed, condition, accuracies):
     """A run record with the given test answer accuracies of stage 1, SFT, key-only, blend."""
     metrics = lambda a: {"format_rate": 1.0, "answer_accuracy": a, "chain_accuracy": 1.0, "answer_loss": 1.0}
-    record = {"seed": seed, "condition": condition, "stage 1": {"test": metrics(accuracies[0])}}
+    record = {"seed": seed, "condition": condition, "stage 1": {"steps": 100, "test": metrics(accuracies[0])}}
     for arm, a in zip(dilution.ARMS, accuracies[1:]):
         record[arm] = {"lr": 1e-3, "test": metrics(a)}
     return record
@@ -147,8 +147,16 @@ def _check_structure(out, seeds, lrs):
         (s, c) for s in seeds for c in dilution.CONDITIONS)
     metrics = ["format_rate", "answer_accuracy", "chain_accuracy", "answer_loss"]
     for r in out["runs"]:
+        stage1 = r["stage 1"]
         for split in ("val", "test"):
-            assert list(r["stage 1"][split]) == metrics
+            assert list(stage1[split]) == metrics
+        # stage 1 stops at the first check at the target, else at the last step
+        steps, accuracies = zip(*stage1["checks"])
+        target, every = out["config"]["stage1_target"], out["config"]["stage1_check"]
+        assert list(steps) == list(range(every, stage1["steps"] + 1, every))
+        assert all(a < target for a in accuracies[:-1]) and accuracies[-1] == stage1["val"]["answer_accuracy"]
+        assert stage1["reached"] == (accuracies[-1] >= target)
+        assert stage1["reached"] or stage1["steps"] == out["config"]["stage1_max_steps"]
         for arm in dilution.ARMS:
             assert [run["lr"] for run in r[arm]["by_lr"]] == lrs and r[arm]["lr"] in lrs
             best = max(run["val"]["answer_accuracy"] for run in r[arm]["by_lr"])
@@ -176,6 +184,22 @@ def _check_structure(out, seeds, lrs):
         between = out["summary"][dilution.BETWEEN]["contrasts"][name]
         random_, fixed = (out["summary"][c]["contrasts"][name]["differences"] for c in dilution.CONDITIONS)
         assert between["differences"] == pytest.approx([r - d for r, d in zip(random_, fixed)])
+
+
+def test_stage1_stops_at_the_first_check_that_reaches_the_target():
+    from transformers import TrainerControl, TrainerState
+    accuracies = iter([0.1, 0.29, 0.35, 0.5])
+    stop = dilution.StopAtAccuracy(lambda: {"answer_accuracy": next(accuracies)}, every=50, target=0.3)
+    state, control = TrainerState(), TrainerControl()
+    for state.global_step in range(1, 1000):
+        stop.on_step_end(None, state, control)
+        if control.should_training_stop:
+            break
+    assert state.global_step == 150 and [step for step, _ in stop.checks] == [50, 100, 150]
+    # in the trainer: a target of 0 stops stage 1 at its first check
+    out = dilution.main(["--seeds", "0", *TINY, "--conditions", "deterministic", "--stage1-target", "0",
+                         "--jobs", "1"])
+    assert out["runs"][0]["stage 1"]["steps"] == 2 and out["runs"][0]["stage 1"]["reached"]
 
 
 def test_script_smoke_run(tmp_path, capsys):
