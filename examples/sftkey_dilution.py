@@ -29,8 +29,8 @@ split (the first such rate in ``--lrs`` on a tie); its accuracy on the test spli
 chose nothing, is the result. Accuracy is format-gated greedy accuracy: the greedy completion
 must end in one ``#### d`` line and EOS, and ``d`` must be right. The pre-registered
 contrasts, per condition, are blend - SFT and key-only - SFT on the test accuracy, paired by
-seed: the mean, a bootstrap 95% CI over seeds and the count of seeds above / below / level.
-Dilution predicts blend - SFT > 0 with random fillers and about 0 in the control. Every loss
+seed: the mean, a bootstrap 95% CI over seeds and the count of seeds above / below / level;
+and each contrast's difference between the conditions, paired by seed. Dilution predicts blend - SFT > 0 with random fillers and about 0 in the control. Every loss
 is ``SFTKeyTrainer``'s fused loss (no logits).
 
     PYTHONPATH=. python examples/sftkey_dilution.py --jobs 2 --json examples/sftkey_dilution.json
