@@ -5,7 +5,8 @@ generation's launch settings through Triton's own compiler for a ``GPUTarget`` (
 needed), runs Triton's bundled ``ptxas -v`` on the PTX, and prints per kernel the shared
 memory (``metadata.shared``), registers and spill bytes. It exits 1 where a kernel spills,
 exceeds the generation's shared-memory budget per block, or fails to compile. The flags are
-the heaviest: bias, class weights, soft-cap, top-8, every gradient.
+the heaviest: bias, class weights, soft-cap, every gradient; the forward at 16 top-k logits and
+at 32 (the API's most, with :func:`.configs.topk_config`'s tile).
 
 It must run with ``TRITON_INTERPRET`` unset (interpreted kernels do not compile).
 """
@@ -24,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .backward import backward_kernel
-from .configs import GENERATIONS, Generation
+from .configs import GENERATIONS, TILE_TOPK, Generation, topk_config
 from .forward import forward_kernel
 from .pair_rows import pair_grads_kernel, pair_stats_kernel
 from .rows import row_grads_kernel, row_stats_kernel
@@ -33,7 +34,7 @@ _INDEX = {"y", "amax_i_out", "argmax_out"}
 _SCALARS = {"N": "i32", "V": "i32", "gap": "i32", "D": "i32", "tiles_per_split": "i32", "stride_o": "i64", "stride_dz": "i64",
             "stride_a": "i64",
             "softcap": "fp32", "filter_eps": "fp32"}
-_FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, TOPK=8, K_PAD=8, HAS_GLSE=True, HAS_GS=True,
+_FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, TOPK=TILE_TOPK, K_PAD=TILE_TOPK, HAS_GLSE=True, HAS_GS=True,
               DENSE_GZY=True, DENSE_GZ=True, NEED_DX=True, NEED_DW=True, NEED_DB=True, FILTER=False,
               HAS_S=True, HAS_Z=True, ARGMAX=True, HAS_GZY=True, HAS_GZ=True, UPCAST=False, DOT_PREC="tf32",
               WANT_A=True, WANT_O=True)
@@ -80,10 +81,13 @@ def kernel_cases(gen: Generation):
     logits of bf16 inputs (``dz`` written in bf16), the single pass's path on CUDA, and the
     two-head row kernels on float32 blocks."""
     for dtype in ("bf16", "fp32"):
-        for name, fn in (("forward", forward_kernel), ("backward", backward_kernel)):
-            cfg = gen.fused(name, dtype == "fp32")
+        for name, fn, topk in (("forward", forward_kernel, TILE_TOPK), ("forward-top32", forward_kernel, 2 * TILE_TOPK),
+                               ("backward", backward_kernel, 0)):
+            cfg = topk_config(gen.fused(name.split("-")[0], dtype == "fp32"), topk)
             consts = {k: v for k, v in _FLAGS.items() if k in fn.arg_names}
             consts.update(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
+            if topk:
+                consts.update(TOPK=topk, K_PAD=topk)
             if "GROUP_N" in fn.arg_names:
                 consts["GROUP_N"] = cfg.group_n
             yield (f"{name}/{dtype}", fn, dict.fromkeys(("x", "w", "b"), dtype), consts,

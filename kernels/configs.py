@@ -3,7 +3,7 @@
 The shapes are choices made without a GPU (none on the build machines), not measurements:
 the largest tiles that :mod:`.check` (Triton's compiler and bundled ptxas, on the CPU)
 compiles without register spills under the heaviest flags (bias, class weights, soft-cap,
-top-8, every gradient term dense) and within each generation's shared memory per block.
+top-32, every gradient term dense) and within each generation's shared memory per block.
 128 x 128 logits tiles spilled there on sm_90 (forward 700 bytes, backward 3960) and
 64 x 128 ones still did in the backward; 64 x 64 tiles do not. The mma.sync generations
 (sm_80, sm_86/89) take 32-wide operand slices in the backward (64-wide ones spilled 64 bytes
@@ -109,6 +109,17 @@ def generation(device: torch.device):
     """The :class:`Generation` of a CUDA ``device``, or None for one not in :data:`GENERATIONS`."""
     major, minor = torch.cuda.get_device_capability(device)
     return GENERATIONS.get(major * 10 + minor)
+
+
+#: The most top-k logits a forward tile of the generation's shape keeps; more take half as many rows.
+TILE_TOPK = 16
+
+
+def topk_config(cfg: KernelConfig, topk: int) -> KernelConfig:
+    """The forward's settings for ``topk``: ``cfg``, or above :data:`TILE_TOPK` a tile of 32 x 32
+    (a 64 x 64 tile's running top-32 spilled registers on sm_90 and sm_100 under Triton 3.6, and
+    so did 32 x 64 and 64 x 32 ones on some generation; 32 x 32 spilled nowhere, 3.6 or 3.9)."""
+    return cfg if topk <= TILE_TOPK else replace(cfg, block_n=min(cfg.block_n, 32), block_v=min(cfg.block_v, 32))
 
 
 def default_config(kind: str, dtype: torch.dtype, device: torch.device) -> KernelConfig:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import KernelConfig, tile_args
+from .configs import KernelConfig, tile_args, topk_config
 from .logits import logits_tile
 
 
@@ -123,10 +123,12 @@ def forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torc
     zy, S, Z, argmax, top)``, float32 (argmax int64, ``top`` ``[N, topk]`` or None).
 
     Programs: ``ceil(N / BLOCK_N)`` row blocks times the vocabulary splits, enough splits for
-    ``cfg.occupancy`` programs per SM on CUDA (``vocab_splits`` fixes them); the splits' partial
+    ``cfg.occupancy`` programs per SM on CUDA (``vocab_splits`` fixes them; above 16 top-k logits
+    half the rows per tile, :func:`~.configs.topk_config`); the splits' partial
     statistics merge here: ``lse = M + log sum_s l_s e^{m_s - M}``, ``S = sum_s t_s e^{m_s - M}``
     over that sum, the argmax from the first split holding the maximum."""
     (n, d), v = x.shape, w.shape[0]
+    cfg = topk_config(cfg, topk)
     f32 = dict(dtype=torch.float32, device=x.device)
     if n == 0:
         empty = torch.empty(0, **f32)

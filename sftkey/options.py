@@ -60,9 +60,11 @@ def _float_tensor(name: str, value) -> None:
 
 
 def _float_tensor_or_number(name: str, value) -> None:
-    """None, a real number, or a floating-point tensor."""
+    """None, a finite real number, or a floating-point tensor (its values: with the inputs')."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         _number()(name, value)
+        if abs(float(value)) == float("inf"):
+            raise ValueError(f"{name} must be finite, got {value}")
     else:
         _float_tensor(name, value)
 

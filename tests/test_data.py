@@ -182,9 +182,11 @@ def test_weight_spans_of_tokens():
     from sftkey.methods.data import check_spans, key_weight_spans, span_weights
 
     assert span_weights([(0, 2), (2, 5), (5, 5), (5, 9)], [(3, 6, 1.0), (8, 9, 0.5)], 0.1) == [0.1, 1.0, 0.1, 1.0]
-    assert key_weight_spans("so <Answer> 42 </Answer>", key_weight=2.0) == [[12, 14, 2.0]]
+    assert key_weight_spans("so <Answer> 42 </Answer>", key_weight=2.0) == [[12, 14, 2.0], [24, 25, 2.0]]
+    assert key_weight_spans("so <Answer> 42 </Answer>", include_eos=False) == [[12, 14, 1.0]]
     assert key_weight_spans("no key here") == []
     assert check_spans([[0.0, 3.0, 1]], 3, "x") == [(0, 3, 1.0)]
-    for bad in ([[2, 1, 1.0]], [[0, 4, 1.0]], [[0, 1, -1.0]], [[0.5, 1, 1.0]], [[0, 1]], "0:1"):
+    assert check_spans([[3, 4, 1]], 3, "x") == [(3, 4, 1.0)]  # the token after the text
+    for bad in ([[2, 1, 1.0]], [[0, 5, 1.0]], [[0, 1, -1.0]], [[0.5, 1, 1.0]], [[0, 1]], "0:1"):
         with pytest.raises(ValueError, match="x: "):
             check_spans(bad, 3, "x")

@@ -10,7 +10,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from sftkey.kernels.configs import GENERATIONS  # noqa: E402
+from sftkey.backends.engine import MAX_TOPK  # noqa: E402
+from sftkey.kernels.configs import GENERATIONS, TILE_TOPK  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not hasattr(triton, "knobs"), reason="this Triton has no triton.knobs (ptxas path)")]
@@ -26,7 +27,13 @@ def test_kernels_compile_within_budget(capability, tmp_path):
     print(proc.stdout)
     assert out.exists(), proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 8, rows  # forward and backward in bf16 and fp32, the two row kernels, the two pair kernels
+    # forward (16 and 32 top-k logits) and backward in bf16 and fp32, the two row kernels, the two pair kernels
+    assert len(rows) == 10, rows
     bad = [r for r in rows if not r["ok"]]
     assert not bad, f"sm_{capability}: {bad}"
     assert proc.returncode == 0, proc.stdout
+
+
+def test_the_check_covers_the_most_top_k_logits():
+    """The check compiles the forward at ``2 * TILE_TOPK`` top-k logits: the API's most."""
+    assert MAX_TOPK <= 2 * TILE_TOPK

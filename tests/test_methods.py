@@ -180,3 +180,14 @@ def test_infinite_token_weights_are_refused():
         sftkey.linear_cross_entropy(h, w, y, bias=b, token_weights=a, backend="torch")
     with pytest.raises(ValueError, match="token_weights must be >= 0 and finite.*found inf"):
         sftkey.linear_divergence(h, w, h.detach(), w.detach() * 0.5, y, token_weights=a, backend="torch")
+
+
+def test_infinite_entropy_weights_are_refused():
+    """A non-finite entropy weight (a tensor, or a number) made the loss inf or NaN."""
+    h, w, b, y, _ = _inputs()
+    e = torch.full(y.shape, 0.1)
+    e[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="entropy_weights must be finite.*found nan"):
+        sftkey.linear_cross_entropy(h, w, y, bias=b, entropy_weights=e, backend="torch")
+    with pytest.raises(ValueError, match="entropy_weights must be finite"):
+        sftkey.linear_cross_entropy(h, w, y, bias=b, entropy_weights=float("-inf"), backend="torch")

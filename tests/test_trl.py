@@ -169,7 +169,8 @@ def _decoded(tokenizer, ids):
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_key_spans_become_token_weights_through_trl_pipeline(tokenizer, tmp_path, fmt, packing):
     """Key-answer spans, TRL's chat template and packing: the prepared ids and labels are TRL's own,
-    the tokens of weight 1 spell the answer, the other completion tokens weigh outside_weight, and the
+    the tokens of weight 1 spell the answer and its end token (stage 2 trains the end of sequence,
+    as keys.build_features does), the other completion tokens weigh outside_weight, and the
     step's loss is the weighted mean of the model's own cross-entropy."""
     rows = _rows(fmt, spans=True)
     config = _config(tmp_path, packing=packing, max_length=64)
@@ -190,7 +191,11 @@ def test_key_spans_become_token_weights_through_trl_pipeline(tokenizer, tmp_path
         assert set(weights) <= {0.0, 0.25, 1.0}
         for start, end in _segments(lengths, len(ids)):
             found.append(_decoded(tokenizer, [t for t, w in zip(ids[start:end], weights[start:end]) if w == 1.0]))
-    assert sorted(found) == sorted(str(int(a) + int(b)) for a, b in (_operands(r, fmt) for r in rows))
+    # the key and the token right after the response (TRL's EOS, or the chat template's end of turn)
+    ends = (tokenizer.eos_token, "<|end|>")
+    assert all(f.endswith(ends) for f in found), found
+    keys_found = [next(f[: -len(e)] for e in ends if f.endswith(e)) for f in found]
+    assert sorted(keys_found) == sorted(str(int(a) + int(b)) for a, b in (_operands(r, fmt) for r in rows))
 
     batch = next(iter(ours.get_train_dataloader()))
     loss = ours.compute_loss(model, dict(batch), num_items_in_batch=ours._get_num_items_in_batch([batch], "cpu"))

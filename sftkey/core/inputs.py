@@ -71,7 +71,8 @@ def prepare(hidden, weight, targets, bias, options: Options, *, ref: Optional[tu
     V = weight.shape[0] if vocab_size is None else vocab_size
     _check_option_tensors(options, targets, V)
     if check_values:
-        check_values_of(targets, V, ignore_index, getattr(options, "token_weights", None))
+        check_values_of(targets, V, ignore_index, getattr(options, "token_weights", None),
+                        getattr(options, "entropy_weights", None))
     shift = getattr(options, "shift", False)
     y = flat_targets(targets, ignore_index, shift)
     head = _head(hidden, weight, bias, y)
@@ -257,16 +258,21 @@ def check_topk(topk, vocab_size: int) -> None:
         raise ValueError(f"topk={topk} exceeds the vocabulary size {vocab_size}")
 
 
-def check_values_of(targets: Tensor, vocab_size: int, ignore_index: int, token_weights: Optional[Tensor]) -> None:
+def check_values_of(targets: Tensor, vocab_size: int, ignore_index: int, token_weights: Optional[Tensor],
+                    entropy_weights=None) -> None:
     """The checks that read the tensors' values on the host: the targets lie in ``[0, V)`` or
     equal ``ignore_index``; the token weights are >= 0 and finite (a negative weight would turn
     its token's loss into a reward for lowering the target's probability, and could make the
-    ``"mean"`` denominator 0 or negative; an infinite one makes the mean inf / inf = NaN)."""
+    ``"mean"`` denominator 0 or negative; an infinite one makes the mean inf / inf = NaN); the
+    entropy weights are finite (of either sign: ``LossOptions.entropy_weights``)."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         value = int(targets[bad].flatten()[0])
         raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {value}")
     check_token_weights(token_weights)
+    if isinstance(entropy_weights, Tensor) and not bool(torch.isfinite(entropy_weights).all()):
+        value = float(entropy_weights[~torch.isfinite(entropy_weights)].flatten()[0])
+        raise ValueError(f"entropy_weights must be finite; found {value}")
 
 
 def check_token_weights(token_weights: Optional[Tensor]) -> None:

@@ -169,7 +169,8 @@ def span_weights(offset_mapping: Sequence[Sequence[int]], spans: Sequence[Sequen
 
 def check_spans(spans: Any, text_length: int, where: str) -> list[tuple[int, int, float]]:
     """``spans`` as ``(start, end, weight)`` tuples: integral ``0 <= start < end <=
-    text_length``, a finite weight >= 0; ``ValueError`` naming ``where`` otherwise."""
+    text_length + 1`` (one character past the text names the token that directly follows it),
+    a finite weight >= 0; ``ValueError`` naming ``where`` otherwise."""
     if not isinstance(spans, (list, tuple)):
         raise ValueError(f"{where}: expected a list of [start, end, weight], got {type(spans).__name__}")
     checked = []
@@ -177,21 +178,29 @@ def check_spans(spans: Any, text_length: int, where: str) -> list[tuple[int, int
         if not isinstance(span, (list, tuple)) or len(span) != 3:
             raise ValueError(f"{where}: expected [start, end, weight] spans, got {span!r}")
         start, end, weight = (float(v) for v in span)
-        if not (start.is_integer() and end.is_integer() and 0 <= start < end <= text_length):
+        if not (start.is_integer() and end.is_integer() and 0 <= start < end <= text_length + 1):
             raise ValueError(f"{where}: span {list(span)} is not a character range within the text's "
-                             f"{text_length} characters (0 <= start < end)")
+                             f"{text_length} characters and the token after them (0 <= start < end <= "
+                             f"{text_length + 1})")
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"{where}: span {list(span)} has a weight that is not finite and >= 0")
         checked.append((int(start), int(end), weight))
     return checked
 
 
-def key_weight_spans(response: str, key_weight: float = 1.0, **find_key_span_options) -> list[list]:
-    """SFTKey's key answer of ``response`` as weight spans: ``[[start, end, key_weight]]``, or
-    ``[]`` without a key (options: :func:`sftkey.methods.keys.find_key_span`'s). With a trainer's
-    ``outside_weight`` of 0 that is stage 2; of ``cot_weight``, a blend."""
+def key_weight_spans(response: str, key_weight: float = 1.0, include_eos: bool = True,
+                     **find_key_span_options) -> list[list]:
+    """SFTKey's key answer of ``response`` as weight spans: ``[[start, end, key_weight]]``, and
+    with ``include_eos`` (as :func:`sftkey.methods.keys.build_features`' stage 2) the token that
+    directly follows the response (the end of sequence, or a chat template's end of turn:
+    ``[len(response), len(response) + 1, key_weight]``); ``[]`` without a key (options:
+    :func:`sftkey.methods.keys.find_key_span`'s). With a trainer's ``outside_weight`` of 0 that
+    is stage 2; of ``cot_weight``, a blend."""
     span = keys.find_key_span(response, **find_key_span_options)
-    return [] if span is None else [[span[0], span[1], float(key_weight)]]
+    if span is None:
+        return []
+    end = [[len(response), len(response) + 1, float(key_weight)]] if include_eos else []
+    return [[span[0], span[1], float(key_weight)]] + end
 
 
 def critical_weight_spans(tokenizer, response_ids: Sequence[int], positions: Sequence[int],
