@@ -155,14 +155,16 @@ class Ways:
     their layouts, dtype, device and the thread count, so that the groups of a training run,
     whose last one changes size every step, share a few keys. On the CPU, with tuning on
     (:data:`sftkey.config.tune_products`), a key's first calls try the ways in turn, each call
-    forming its product once with the way tried least so far and timing it, until each way has
-    ``ROUNDS`` timings; from then on the fastest is kept. No product runs twice, so a first
+    forming its product once with the next way and timing it: every way once, then again the
+    ways within ``CLOSE`` of the best, up to ``ROUNDS`` timings; from then on the fastest is kept. No product runs twice, so a first
     call costs what a later one does (give or take a slower way), but those first calls may
     differ from the later ones in the last bits. Products below :data:`TUNED_FLOP` are not
     tuned: they take the first way (as with tuning off, bitwise repeatable)."""
 
     #: Timings per way before a key's choice: the first run of a new shape pays oneDNN's set-up.
     ROUNDS = 2
+    #: A way slower than this many times the best on its first timing is not timed again.
+    CLOSE = 1.25
 
     def __init__(self, *ways: Way):
         self.ways = ways
@@ -180,16 +182,26 @@ class Ways:
             self._try(key, a, b, out, accumulate)
 
     def _try(self, key, a, b, out, accumulate) -> None:
-        """Form the product with the way timed least so far for ``key``, and time it."""
+        """Form the product with the next way to time for ``key`` (:meth:`_pending`), and time it;
+        choose once none is pending."""
         timings = self.timings.setdefault(key, [[] for _ in self.ways])
-        way = min(range(len(self.ways)), key=lambda i: len(timings[i]))
+        way = self._pending(timings)[0]
         start = time.perf_counter()
         self.ways[way](a, b, out, accumulate)
         timings[way].append(time.perf_counter() - start)
-        if all(len(t) >= self.ROUNDS for t in timings):
-            best = [min(t) for t in timings]
+        if not self._pending(timings):
+            best = [min(t) if t else float("inf") for t in timings]
             self.chosen[key] = best.index(min(best))
             del self.timings[key]
+
+    def _pending(self, timings: list) -> list:
+        """The ways still to time: each once, then again (to ``ROUNDS``) those within ``CLOSE``
+        of the best so far (a slow way is tried once, not twice)."""
+        untried = [i for i, t in enumerate(timings) if not t]
+        if untried:
+            return untried
+        best = min(min(t) for t in timings)
+        return [i for i, t in enumerate(timings) if len(t) < self.ROUNDS and min(t) <= self.CLOSE * best]
 
 
 #: The smallest product whose layout is tuned (a few ms at the slowest CPU's rate).
