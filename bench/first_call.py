@@ -2,8 +2,9 @@
 on peaked logits (issue "no stall when shapes change"), each in fresh processes.
 
 * **first**: a fresh process's first ``linear_cross_entropy`` forward and backward against
-  its steady calls (the median of calls 3 to 7), at the README quickstart's shape and the
-  ``cpu-default`` preset's, in the CPU's native dtype; target: first <= 1.5x steady.
+  its steady calls (the median of calls 3 to 7; each the median over 3 fresh processes), at
+  the README quickstart's shape and the ``cpu-default`` preset's, in the CPU's native dtype;
+  target: first <= 1.5x steady.
 * **variable-N**: 8 training steps (forward, backward, AdamW) of a Llama of 18M parameters
   (V=32000) whose token count changes every step: unpatched, patched by ``use_fused_loss``
   with product tuning on, and with it off (``SFTKEY_TUNE_PRODUCTS=0``); target: patched with
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,8 +107,14 @@ def _run(tree: Path, script: str, *args, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(tree: Path, dtype: str) -> dict:
-    first = {label: _run(tree, FIRST, *shape, dtype)
+def _first(tree: Path, shape, dtype: str, processes: int) -> dict:
+    """The median first and steady call over ``processes`` fresh processes."""
+    runs = [_run(tree, FIRST, *shape, dtype) for _ in range(processes)]
+    return {key: statistics.median(r[key] for r in runs) for key in ("first_s", "steady_s")} | {"processes": processes}
+
+
+def measure(tree: Path, dtype: str, processes: int) -> dict:
+    first = {label: _first(tree, shape, dtype, processes)
              for label, shape in (("quickstart 4x128, D=1024, V=32768", (4, 128, 1024, 32768)),
                                   ("cpu-default N=512, D=512, V=16384", (1, 513, 512, 16384)),
                                   ("cpu-default N=1024, D=512, V=16384", (1, 1025, 512, 16384)))}
@@ -137,17 +145,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.first_call", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rev", help="also measure the sftkey of this git revision")
+    p.add_argument("--processes", type=int, default=3,
+                   help="fresh processes per first-call shape; their median counts (default 3)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     from .__main__ import native_dtype
 
     dtype = native_dtype(torch.device("cpu"))
     meta = stamp(torch.device("cpu"), {"dtype": dtype, "rev": args.rev})
-    results = {"working tree": measure(ROOT, dtype)}
+    results = {"working tree": measure(ROOT, dtype, args.processes)}
     if args.rev:
         with tempfile.TemporaryDirectory(prefix="sftkey-rev-") as tmp:
             meta["rev_commit"] = export(args.rev, Path(tmp))
-            results[f"{args.rev} ({meta['rev_commit'][:7]})"] = measure(Path(tmp), dtype)
+            results[f"{args.rev} ({meta['rev_commit'][:7]})"] = measure(Path(tmp), dtype, args.processes)
     meta["load_average_end"] = os.getloadavg()[0]
     name = f"{datetime.fromisoformat(meta['date']):%Y%m%d-%H%M%S}-first-call-{meta['device_slug']}"
     args.out.mkdir(parents=True, exist_ok=True)

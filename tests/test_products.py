@@ -1,8 +1,10 @@
 """How the torch backend forms its products: the dtype decision (native or float32 from
 bf16/fp16), and the equivalent layouts of each product with the tuner that picks one."""
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,13 +40,40 @@ def test_modes_decide_the_product_dtype(dtype, monkeypatch):
 def test_emulated_products_are_not_native(fresh_probe, monkeypatch):
     """No oneDNN path, or a probe far below the float32 rate (an AVX2-only CPU): float32 products."""
     monkeypatch.setattr(products, "onednn_supports", lambda dtype: False)
+    monkeypatch.setattr(products, "native_isa", lambda dtype: True)
     assert not products.lowp_native_on_cpu(torch.bfloat16)
     products._native.cache_clear()
     monkeypatch.setattr(products, "onednn_supports", lambda dtype: True)
+    monkeypatch.setattr(products, "native_isa", lambda dtype: False)
     rates = {torch.bfloat16: 3e9, torch.float16: 30e9, torch.float32: 40e9}
     monkeypatch.setattr(products, "_rates", lambda dtypes: {dt: rates[dt] for dt in dtypes})
     assert not products.lowp_native_on_cpu(torch.bfloat16)
     assert products.lowp_native_on_cpu(torch.float16)  # at par with float32 counts as native
+
+
+def test_native_instructions_need_no_probe(fresh_probe, monkeypatch):
+    """With the dtype's instructions (AVX512-BF16, AMX), native without a timing."""
+    def no_probe(dtypes):
+        raise AssertionError("timed although the CPU has the instructions")
+    monkeypatch.setattr(products, "onednn_supports", lambda dtype: True)
+    monkeypatch.setattr(products, "_rates", no_probe)
+    monkeypatch.setattr(products, "native_isa", lambda dtype: True)
+    assert products.lowp_native_on_cpu(torch.bfloat16) and products.lowp_native_on_cpu(torch.float16)
+    monkeypatch.setattr(products, "native_isa", lambda dtype: False)
+    products._native.cache_clear()
+    with pytest.raises(AssertionError, match="timed"):
+        products.lowp_native_on_cpu(torch.bfloat16)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from /proc/cpuinfo")
+def test_native_isa_reads_this_cpu():
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    if "avx512_bf16" in flags:
+        assert products.native_isa(torch.bfloat16)
+    if not flags & {"avx512_bf16", "amx_bf16", "amx_tile"}:
+        assert not products.native_isa(torch.bfloat16)
+    if not flags & {"amx_fp16", "amx_tile"}:
+        assert not products.native_isa(torch.float16)
 
 
 def test_probe_times_real_products(fresh_probe):

@@ -4,9 +4,10 @@
 them emulated, 10-70x slower than float32. There the products are formed in float32 from
 the bf16/fp16 inputs, slice by slice, and everything comes back in the inputs' dtypes as
 elsewhere. :func:`product_dtype` decides per device and dtype, once per process (and thread
-count): on CUDA the products are native; on a CPU a chunk-sized timing of the low-precision
-product against the float32 one decides, after the cheaper check of whether oneDNN has a
-bf16/fp16 path on this CPU at all. ``sftkey.set_lowp_products`` overrides the choice.
+count): on CUDA the products are native; on a CPU, no oneDNN path for the dtype means float32,
+an instruction set for it (AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16) means native, and
+otherwise a small timing of the low-precision product against the float32 one decides (a few
+ms, once). ``sftkey.set_lowp_products`` overrides the choice.
 
 **Float32 output.** Recent torch forms a bf16/fp16 product with a float32 result
 (``torch.mm(..., out_dtype=torch.float32)``) on CUDA; :func:`float32_output` and
@@ -37,6 +38,10 @@ LOWP_DTYPES = (torch.bfloat16, torch.float16)
 #: that other work on the machine weighs on both alike; the best of each counts.
 _PROBE = (128, 512, 512)
 _PROBE_ROUNDS = 7
+#: ``torch.cpu`` checks for the instructions that make a dtype's oneDNN products native: where
+#: one holds, no timing is needed (it would cost a first call ~7 ms).
+_NATIVE_ISA = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+               torch.float16: ("_is_amx_fp16_supported",)}
 #: Native means at least this share of the float32 rate. Emulated products run at 1-20% of
 #: it; a native path at par with float32 (fp16 through oneDNN on AVX-512 without AMX-FP16)
 #: beats up-casting, which adds passes over W.
@@ -56,7 +61,8 @@ def product_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 def lowp_native_on_cpu(dtype: torch.dtype) -> bool:
     """Whether this CPU runs ``dtype`` (bf16 or fp16) matrix products natively: oneDNN has a
-    path for it and the probe product runs at least half as fast as in float32."""
+    path for it, and the CPU has the instructions or the probe product runs at least half as
+    fast as in float32."""
     return _native(dtype, torch.get_num_threads())
 
 
@@ -64,6 +70,8 @@ def lowp_native_on_cpu(dtype: torch.dtype) -> bool:
 def _native(dtype: torch.dtype, threads: int) -> bool:
     if not onednn_supports(dtype):
         return False
+    if native_isa(dtype):
+        return True
     rates = _rates((dtype, torch.float32))
     return rates[dtype] >= _NATIVE_SHARE * rates[torch.float32]
 
@@ -75,6 +83,11 @@ def onednn_supports(dtype: torch.dtype) -> bool:
         return bool(getattr(torch.ops.mkldnn, check)())
     except (AttributeError, RuntimeError):  # a build without oneDNN: only the timing can tell
         return True
+
+
+def native_isa(dtype: torch.dtype) -> bool:
+    """Whether this CPU has instructions for ``dtype`` products (see ``_NATIVE_ISA``)."""
+    return any(getattr(torch.cpu, check, lambda: False)() for check in _NATIVE_ISA[dtype])
 
 
 def _rates(dtypes) -> dict:
@@ -102,6 +115,7 @@ def describe(device: torch.device) -> dict:
         for dtype in LOWP_DTYPES:
             name = str(dtype).removeprefix("torch.")
             info[f"{name}_onednn"] = onednn_supports(dtype)
+            info[f"{name}_isa"] = native_isa(dtype)
             info[f"{name}_native"] = lowp_native_on_cpu(dtype)
     for dtype in LOWP_DTYPES:
         info[f"{str(dtype).removeprefix('torch.')}_products"] = str(product_dtype(device, dtype)).removeprefix("torch.")
