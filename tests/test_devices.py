@@ -12,23 +12,10 @@ import sftkey
 from sftkey import config
 from sftkey.core import driver
 
-from conftest import assert_close, make_head
+from conftest import assert_close, make_head, reads_gaps
 
 torch_backend = importlib.import_module("sftkey.backends.torch")
 products = importlib.import_module("sftkey.backends.products")
-
-
-def reads_gaps(ways):
-    """A product as a BLAS that reads the gap between a row-strided ``a``'s rows forms it:
-    ``a``'s full rows times ``b`` padded with zero rows (``0 * NaN`` is NaN)."""
-
-    def product(a, b, out, accumulate=False):
-        gap = a.stride(0) - a.shape[1]
-        if a.stride(1) == 1 and gap > 0:
-            a, b = a.as_strided((a.shape[0], a.stride(0)), a.stride()), torch.cat([b, b.new_zeros(gap, b.shape[1])])
-        ways(a, b, out, accumulate)
-
-    return product
 
 
 @pytest.fixture

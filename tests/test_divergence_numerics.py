@@ -78,37 +78,41 @@ def _check(fn, plain, backend, z, r, what):
             f"{what}: {name} relative error {err:.3g}, plain float32 {err_plain:.3g}")
 
 
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_linear_divergence_at_large_logits(backend, kind):
-    if backend == "triton" and kind == "jsd":
-        pytest.skip("the JSD runs on torch only")
-    z, r, y = _heads(1)
+def _divergence(y, kind):
+    """``linear_divergence`` and its plain float32 twin, on identity heads."""
     eye = torch.eye(V)
 
     def fn(a, b, backend):
         return sftkey.linear_divergence(a, eye.to(a.dtype), b, eye.to(b.dtype), y, kind=kind, ref_grad=True,
                                         backend=backend)
 
-    _check(fn, lambda a, b: _plain_divergence(a, b, kind).mean(), backend, z, r, f"{backend} {kind}")
+    return fn, lambda a, b: _plain_divergence(a, b, kind).mean()
 
 
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_anchored_loss_at_large_logits(backend, kind):
-    if backend == "triton" and kind == "jsd":
-        pytest.skip("the JSD runs on torch only")
-    z, r, y = _heads(2)
+def _anchored(y, kind):
+    """The anchored ``linear_cross_entropy`` and its plain float32 twin (the anchor is frozen:
+    d/dr is 0)."""
     eye = torch.eye(V)
 
-    def fn(a, b, backend):  # the anchor is frozen: d/dr is 0
+    def fn(a, b, backend):
         return sftkey.linear_cross_entropy(a, eye.to(a.dtype), y, anchor=(b, eye.to(b.dtype)), anchor_kind=kind,
                                            anchor_weight=1.0, backend=backend)
 
     def plain(a, b):
         return (F.cross_entropy(a, y, reduction="none") + _plain_divergence(a, b.detach(), kind)).mean()
 
-    _check(fn, plain, backend, z, r, f"{backend} anchored {kind}")
+    return fn, plain
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("op, seed", [(_divergence, 1), (_anchored, 2)], ids=["divergence", "anchored"])
+def test_two_heads_at_large_logits(backend, kind, op, seed):
+    if backend == "triton" and kind == "jsd":
+        pytest.skip("the JSD runs on torch only")
+    z, r, y = _heads(seed)
+    fn, plain = op(y, kind)
+    _check(fn, plain, backend, z, r, f"{backend} {op.__name__} {kind}")
 
 
 def _issue_row():

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import KERNEL_DEVICE, needs_cuda, needs_kernels  # noqa: E402
+from conftest import KERNEL_DEVICE, needs_cuda, needs_kernels, reads_gaps  # noqa: E402
 from sftkey import config  # noqa: E402
 from sftkey.backends.engine import BlockResult, Needs, Reads, StatGrads  # noqa: E402
 from sftkey.backends.products import float32_output  # noqa: E402
@@ -98,20 +98,6 @@ def check(head, coef, needs=ALL, reads=Reads()):
         assert_close(g, r, dtype, name)
         assert_close(g, tr.double(), dtype, f"{name} against the torch backend")
     return got
-
-
-def reads_gaps(ways):
-    """A product ``a @ b`` as a BLAS that reads the gap between a row-strided ``a``'s rows forms
-    it (oneDNN's bf16 product on AMX, torch 2.13): ``a``'s full rows times ``b`` padded with
-    zero rows, so anything but a finite value in the gap spoils the result (``0 * NaN``)."""
-
-    def product(a, b, out, accumulate=False):
-        gap = a.stride(0) - a.shape[1]
-        if a.stride(1) == 1 and gap > 0:
-            a, b = a.as_strided((a.shape[0], a.stride(0)), a.stride()), torch.cat([b, b.new_zeros(gap, b.shape[1])])
-        ways(a, b, out, accumulate)
-
-    return product
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -170,10 +170,11 @@ class Ways:
     whose last one changes size every step, share a few keys. On the CPU, with tuning on
     (:data:`sftkey.config.tune_products`), a key's first calls try the ways in turn, each call
     forming its product once with the next way and timing it: every way once, then again the
-    ways within ``CLOSE`` of the best, up to ``ROUNDS`` timings; from then on the fastest is kept. No product runs twice, so a first
-    call costs what a later one does (give or take a slower way), but those first calls may
-    differ from the later ones in the last bits. Products below :data:`TUNED_FLOP` are not
-    tuned: they take the first way (as with tuning off, bitwise repeatable)."""
+    ways within ``CLOSE`` of the best, up to ``ROUNDS`` timings; from then on the fastest is
+    kept. No product runs twice, so a first call costs what a later one does (give or take a
+    slower way), but those first calls may differ from the later ones in the last bits.
+    Products below :data:`TUNED_FLOP` are not tuned: they take the first way (as with tuning
+    off, bitwise repeatable)."""
 
     #: Timings per way before a key's choice: the first run of a new shape pays oneDNN's set-up.
     ROUNDS = 2

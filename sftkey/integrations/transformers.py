@@ -375,10 +375,10 @@ def _refuse_trainer_predictions(model: nn.Module) -> None:
 
 
 class _AtHead(Exception):
-    """Raised by the reference's LM head pre-hook: its input, the final hidden states."""
+    """Raised by an LM head's pre-hook: its input, the final hidden states."""
 
     def __init__(self, hidden: Tensor):
-        super().__init__("reference model stopped at its LM head")
+        super().__init__("stopped at the LM head")
         self.hidden = hidden
 
 
@@ -386,8 +386,23 @@ def _stop_at_head(_head: nn.Module, args) -> None:
     raise _AtHead(args[0])
 
 
-_REF_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling",
-                       "lm_head_multiplier")
+def hidden_at_head(head: nn.Module, run) -> Optional[Tensor]:
+    """The hidden states ``head`` receives when ``run()`` calls the model, which stops there (no
+    logits are formed); ``None`` where the model never calls ``head``."""
+    hook = head.register_forward_pre_hook(_stop_at_head)
+    try:
+        run()
+    except _AtHead as stop:
+        return stop.hidden
+    finally:
+        hook.remove()
+    return None
+
+
+#: Config attributes of Hugging Face models that post-process the LM head's logits (soft-caps,
+#: scales): where one is set, the logits are not the head's output as they are.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling",
+                        "lm_head_multiplier")
 
 
 def _checked_reference(reference: nn.Module) -> nn.Module:
@@ -397,7 +412,7 @@ def _checked_reference(reference: nn.Module) -> nn.Module:
         raise ValueError(f"use_fused_loss: the reference model {type(reference).__name__} has no LM head")
     _refuse_adapter(head)
     config = reference.config.get_text_config()
-    for name in _REF_POSTPROCESSING:
+    for name in LOGIT_POSTPROCESSING:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
             raise NotImplementedError(f"use_fused_loss: the reference model's config sets {name}={value}; a "
@@ -409,17 +424,11 @@ def _reference_head(reference: nn.Module, device: torch.device, args, kwargs) ->
     """``(ref_hidden, ref_weight[, ref_bias])`` of ``reference`` on the call's arguments: its
     body under ``no_grad``, stopped before its LM head."""
     head = reference.get_output_embeddings()
-    hook = head.register_forward_pre_hook(_stop_at_head)
-    try:
-        with torch.no_grad():
-            reference(*args, **kwargs)
-    except _AtHead as stop:
-        hidden = stop.hidden
-    else:
+    with torch.no_grad():
+        hidden = hidden_at_head(head, lambda: reference(*args, **kwargs))
+    if hidden is None:
         raise NotImplementedError(f"use_fused_loss: the reference model {type(reference).__name__}'s forward did "
                                   "not call its LM head")
-    finally:
-        hook.remove()
     weight, bias = _head_params(head)
     parts = (hidden.detach().to(device), weight.detach().to(device))
     return parts if bias is None else (*parts, bias.detach().to(device))

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..api import logit_stats
 from ..backends.engine import MAX_TOPK
+from ..integrations.transformers import LOGIT_POSTPROCESSING, hidden_at_head
 from .keys import IGNORE_INDEX
 from ..results import LogitStats
 
@@ -105,18 +106,6 @@ def _batch(items: Sequence[Mapping[str, Any]], tokens: str, device) -> tuple[Ten
     return ids, mask, labels[:, 1:]
 
 
-class _AtHead(Exception):
-    """Raised by the LM head's pre-hook: its input, the final hidden states."""
-
-    def __init__(self, hidden: Tensor):
-        super().__init__("stopped at the LM head")
-        self.hidden = hidden
-
-
-def _stop_at_head(_head: nn.Module, args) -> None:
-    raise _AtHead(args[0])
-
-
 def _head_of(model: nn.Module) -> nn.Module:
     """The LM head of ``model`` (a Hugging Face causal LM, or a PEFT model around one), refused
     where the logits are not its plain output."""
@@ -124,7 +113,7 @@ def _head_of(model: nn.Module) -> nn.Module:
     causal = get_base_model() if callable(get_base_model) else model
     config = getattr(causal, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling", "lm_head_multiplier"):
+    for attr in LOGIT_POSTPROCESSING:
         if getattr(config, attr, None) not in (None, 1, 1.0):
             raise ValueError(f"source: the model's config sets {attr}; pass the LogitStats of its logits instead")
     head = causal.get_output_embeddings()
@@ -150,15 +139,9 @@ def _model_stats(model: nn.Module, data: Iterable[Mapping[str, Any]], k: int, nu
         items.append(item)
     for start in range(0, len(items), batch_size):
         ids, mask, targets = _batch(items[start:start + batch_size], tokens, device)
-        hook = head.register_forward_pre_hook(_stop_at_head)
-        try:
-            model(input_ids=ids, attention_mask=mask)
-        except _AtHead as stop:
-            hidden = stop.hidden
-        else:
+        hidden = hidden_at_head(head, lambda: model(input_ids=ids, attention_mask=mask))
+        if hidden is None:
             raise ValueError(f"source: {type(model).__name__}'s forward did not call its LM head")
-        finally:
-            hook.remove()
         yield logit_stats(hidden[:, :-1], head.weight, targets, bias=getattr(head, "bias", None), topk=k,
                           backend=backend)
 
