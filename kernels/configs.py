@@ -117,9 +117,12 @@ TILE_TOPK = 16
 
 def topk_config(cfg: KernelConfig, topk: int) -> KernelConfig:
     """The forward's settings for ``topk``: ``cfg``, or above :data:`TILE_TOPK` a tile of 32 x 32
-    (a 64 x 64 tile's running top-32 spilled registers on sm_90 and sm_100 under Triton 3.6, and
-    so did 32 x 64 and 64 x 32 ones on some generation; 32 x 32 spilled nowhere, 3.6 or 3.9)."""
-    return cfg if topk <= TILE_TOPK else replace(cfg, block_n=min(cfg.block_n, 32), block_v=min(cfg.block_v, 32))
+    with at most 2 stages (a 64 x 64 tile's running top-32 spilled registers on sm_90 and sm_100
+    under Triton 3.6, and so did 32 x 64 and 64 x 32 ones on some generation; 32 x 32 with 3
+    stages spilled 12 bytes in fp32 under Triton 3.8; this one spills nowhere under 3.6, 3.8 or
+    3.9)."""
+    return cfg if topk <= TILE_TOPK else replace(cfg, block_n=min(cfg.block_n, 32), block_v=min(cfg.block_v, 32),
+                                                 num_stages=min(cfg.num_stages, 2))
 
 
 def default_config(kind: str, dtype: torch.dtype, device: torch.device) -> KernelConfig:

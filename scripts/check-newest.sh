@@ -5,24 +5,31 @@
 # passes, `--update` writes the versions it ran with to scripts/constraints.txt (what
 # scripts/setup.sh, the README's commands and CI install).
 #
-#   scripts/check-newest.sh [--update] [pytest arguments]
+# `--torch` takes the newest torch too (its default wheel and the CUDA packages, several GB;
+# the suite runs on the CPU all the same), in .venv-newest-torch; `--update` does not apply to it.
+#
+#   scripts/check-newest.sh [--update | --torch] [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 UPDATE=0
-if [ "${1:-}" = "--update" ]; then UPDATE=1; shift; fi
+TORCH=torch==2.13.0
 VENV=.venv-newest
+case "${1:-}" in
+    --update) UPDATE=1; shift ;;
+    --torch) TORCH=torch; VENV=.venv-newest-torch; shift ;;
+esac
 rm -rf "$VENV"
 python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-# torch stays at the CPU build through every upgrade (an eager upgrade would take the newest
-# torch, whose default wheel pulls the CUDA packages)
+# torch stays what $TORCH says through every upgrade (an eager upgrade would otherwise take the
+# newest torch, whose default wheel pulls the CUDA packages)
 TORCH_PIN=$VENV/torch-pin.txt
-echo "torch==2.13.0" > "$TORCH_PIN"
-"${PIP[@]}" -c "$TORCH_PIN" torch
+echo "$TORCH" > "$TORCH_PIN"
+"${PIP[@]}" -c "$TORCH_PIN" --upgrade torch
 "${PIP[@]}" -c "$TORCH_PIN" --upgrade --upgrade-strategy eager triton -e ".[test,bench,hf]"
 "${PIP[@]}" -c "$TORCH_PIN" --upgrade --no-deps cut-cross-entropy
-"$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+"$VENV/bin/python" -c "import torch, triton; print('check-newest: torch', torch.__version__, 'triton', triton.__version__)"
 
 FREEZE=$VENV/constraints.txt
 "$VENV/bin/python" -m pip freeze --exclude-editable | grep -v '^sftkey' | sed 's/^torch==\(.*\)+cpu$/torch==\1/' \
