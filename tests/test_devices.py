@@ -41,6 +41,7 @@ def test_torch_backend_with_float32_output_products(dtype, options, float32_outp
         torch_backend.Head(x.detach(), w.detach(), None, y.clamp_min(-1), None, None), torch_backend.Needs(1, 1, 0),
         two_buffers=False)[0]
     assert op.float32_output and op.out.dtype == torch.float32 and op.group_rows < 100
+    assert op.float32_sums and op.sum is not None and op.stage is None and op.stage_lo is None  # no unused staging
     got = sftkey.linear_cross_entropy(x, w, y, bias=b, token_weights=tw, backend="torch", **options)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     want = sftkey.linear_cross_entropy(x64, w64, y, bias=b64, token_weights=tw.double(), backend="reference", **options)

@@ -301,7 +301,9 @@ class Operand:
             several = n > group_rows
             if several:
                 self.sum = torch.empty(w.shape, **acc)
-            if several != self.upcast:  # native products of several groups, or float32 ones of one
+            # native products of several groups summed without a float32-output addmm, or
+            # float32 products of one group: through the staging pair
+            if several != self.upcast and not (several and self.float32_sums):
                 staging = STAGING_BYTES if x.device.type == "cpu" else max(STAGING_BYTES, self.out.numel() * 4)
                 self.v_slice = max(ROW_ALIGN, staging // (D * 4))
                 self.stage = torch.empty(min(self.v_slice, V), D, **acc)
