@@ -57,13 +57,19 @@ def export(rev: str, into: Path) -> str:
     return commit
 
 
-def timed(tree: Path, case, backend: str, warmup: int, calls: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", RUN, str(case.n), str(case.d), str(case.v), case.dtype, backend,
-                          str(warmup), str(calls)], cwd=tree, env=env, capture_output=True, text=True)
+def run_in(tree: Path, script: str, *args, env: dict | None = None) -> dict:
+    """``script`` (Python source) in a fresh process started in ``tree`` (so that it imports that
+    tree's sftkey), with ``args``; the JSON of its last line of output."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (env or {})
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tree, env=environ,
+                         capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"run in {tree} failed: {out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"run in {tree} failed: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed(tree: Path, case, backend: str, warmup: int, calls: int) -> float:
+    result = run_in(tree, RUN, case.n, case.d, case.v, case.dtype, backend, warmup, calls)
     if not Path(result["file"]).resolve().is_relative_to(tree.resolve()):
         raise RuntimeError(f"the run in {tree} imported {result['file']}")
     return result["median_s"]

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from datetime import datetime
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import ROOT
-from .compare import export
+from .compare import export, run_in
 from .report import stamp
 
 FIRST = """
@@ -98,18 +97,9 @@ print(json.dumps({"steps_s": times, "total_s": sum(times),
 """
 
 
-def _run(tree: Path, script: str, *args, env: dict | None = None) -> dict:
-    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (env or {})
-    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tree, env=environ,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _first(tree: Path, shape, dtype: str, processes: int) -> dict:
     """The median first and steady call over ``processes`` fresh processes."""
-    runs = [_run(tree, FIRST, *shape, dtype) for _ in range(processes)]
+    runs = [run_in(tree, FIRST, *shape, dtype) for _ in range(processes)]
     return {key: statistics.median(r[key] for r in runs) for key in ("first_s", "steady_s")} | {"processes": processes}
 
 
@@ -118,9 +108,9 @@ def measure(tree: Path, dtype: str, processes: int) -> dict:
              for label, shape in (("quickstart 4x128, D=1024, V=32768", (4, 128, 1024, 32768)),
                                   ("cpu-default N=512, D=512, V=16384", (1, 513, 512, 16384)),
                                   ("cpu-default N=1024, D=512, V=16384", (1, 1025, 512, 16384)))}
-    steps = {arm: _run(tree, STEPS, arm, env={"SFTKEY_TUNE_PRODUCTS": "0"} if arm == "patched, tuning off" else None)
+    steps = {arm: run_in(tree, STEPS, arm, env={"SFTKEY_TUNE_PRODUCTS": "0"} if arm == "patched, tuning off" else None)
              for arm in ("unpatched", "patched, tuning on", "patched, tuning off")}
-    return {"first": first, "variable_n": steps, "peaked": _run(tree, PEAKED)}
+    return {"first": first, "variable_n": steps, "peaked": run_in(tree, PEAKED)}
 
 
 def _markdown(results: dict, meta: dict) -> str:

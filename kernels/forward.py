@@ -112,10 +112,6 @@ def forward_kernel(x, w, b, y, c,
                  mask=row_mask[:, None] & (kk[None, :] < TOPK))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor, c: Optional[torch.Tensor],
             softcap: Optional[float], topk: int, cfg: KernelConfig, vocab_splits: Optional[int] = None) -> tuple:
     """Every statistic of the rows of ``x`` ``[N, D]`` (contiguous; ``w`` ``[V, D]``, ``b`` ``[V]``
@@ -134,13 +130,13 @@ def forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torc
         empty = torch.empty(0, **f32)
         return (empty, empty, empty, empty, torch.empty(0, dtype=torch.int64, device=x.device),
                 torch.empty(0, topk, **f32) if topk else None)
-    num_n, num_tiles = _cdiv(n, cfg.block_n), _cdiv(v, cfg.block_v)
+    num_n, num_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v)
     if vocab_splits is None:
         occupied = x.is_cuda and cfg.occupancy
-        vocab_splits = _cdiv(torch.cuda.get_device_properties(x.device).multi_processor_count * cfg.occupancy,
-                             num_n) if occupied else 1
-    tiles_per_split = _cdiv(num_tiles, max(1, min(vocab_splits, num_tiles)))
-    splits = _cdiv(num_tiles, tiles_per_split)
+        vocab_splits = triton.cdiv(torch.cuda.get_device_properties(x.device).multi_processor_count * cfg.occupancy,
+                                   num_n) if occupied else 1
+    tiles_per_split = triton.cdiv(num_tiles, max(1, min(vocab_splits, num_tiles)))
+    splits = triton.cdiv(num_tiles, tiles_per_split)
 
     m, sum_exp, t, zy, wsum, amax_v = (torch.empty(splits, n, **f32) for _ in range(6))
     amax_i = torch.empty(splits, n, dtype=torch.int64, device=x.device)

@@ -120,14 +120,10 @@ def pair_grads_kernel(a, stride_a, o, stride_o, stats, g, V,
             tl.store(o_row + cols, do.to(o.dtype.element_ty), mask=col_mask)
 
 
-#: The kinds these kernels compute (of :data:`sftkey.core.divergence.KINDS`).
-KL_KINDS = ("forward_kl", "reverse_kl")
-
-
 def kl_rows(z: torch.Tensor, r: torch.Tensor, kind: str, g: Optional[torch.Tensor], want_dz: bool, want_dr: bool,
             cfg: RowConfig) -> tuple:
     """``(D, dz, dr)`` of the policy rows ``z`` and reference rows ``r`` (``[n, V]`` float32, unit
-    column stride, temperature applied) for ``kind`` in :data:`KL_KINDS`: ``D`` ``[n]`` float32,
+    column stride, temperature applied) for ``kind`` in :data:`sftkey.core.divergence.KL_KINDS`: ``D`` ``[n]`` float32,
     and where ``g`` ``[n]`` is given, ``g_i dD_i/dz`` written over ``z`` (``want_dz``) and
     ``g_i dD_i/dr`` over ``r`` (``want_dr``), else None."""
     forward = kind == "forward_kl"

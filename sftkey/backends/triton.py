@@ -27,12 +27,13 @@ from typing import Optional
 
 import torch
 
+from sftkey.core.divergence import KL_KINDS
 from sftkey.kernels.configs import KERNEL_DTYPES, RowConfig, known_gpu, row_config
-from sftkey.kernels.pair_rows import KL_KINDS, kl_rows
+from sftkey.kernels.pair_rows import kl_rows
 from sftkey.kernels.rows import row_grads, row_stats
 
 from .engine import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, run
-from .products import float32_output
+from .products import LOWP_DTYPES, float32_output
 from .torch import group_budget, operand
 from .triton_fused import FusedTritonBackend, check_inputs, or_torch
 
@@ -40,7 +41,7 @@ from .triton_fused import FusedTritonBackend, check_inputs, or_torch
 def logits_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of a group's logits products: float32 from bf16/fp16 where the device has
     float32-output products, else the inputs' dtype."""
-    lowp = x.dtype in (torch.bfloat16, torch.float16)
+    lowp = x.dtype in LOWP_DTYPES
     return torch.float32 if lowp and float32_output(x.device.type, x.dtype) else x.dtype
 
 

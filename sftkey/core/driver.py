@@ -131,14 +131,13 @@ def loss(p: Prepared, backend: Backend) -> tuple:
     if p.ref is not None:
         d = Divergence(o.anchor_kind, float(o.anchor_beta),
                        kernel_rows=backend.two_head_rows(o.anchor_kind, p.head.x.dtype, p.head.x.device))
-        valid, a = p.y >= 0, p.terms.token_weights
-        coef = (valid.to(p.acc) if a is None else torch.where(valid, a, 0)) * o.anchor_weight
+        coef = _token_coef(p) * o.anchor_weight
     with p.autocast_off():
         if o.reduction == "none" or _weights_need_grad(o):
             stats = statistics(p, backend)
             losses = token_losses(stats, p.y, p.terms)
             if d is not None:
-                losses = losses + coef * _per_token_divergence(p.pair, d, backend, softcap=p.head.softcap)
+                losses = losses + coef * _per_token_divergence(p.pair, d, backend)
             return reduce(losses, o.reduction, denom), stats if o.return_stats else None
         keep = contributing(p.y, p.terms) if d is None else contributing(p.y, p.terms) | (coef != 0)
         rows = _selected(keep)
@@ -173,8 +172,7 @@ def divergence(p: Prepared, backend: Backend) -> Tensor:
     o = p.options
     x = p.head.x
     d = Divergence(o.kind, float(o.beta), float(o.temperature), backend.two_head_rows(o.kind, x.dtype, x.device))
-    valid, a = p.y >= 0, p.terms.token_weights
-    coef = valid.to(p.acc) if a is None else torch.where(valid, a, 0)
+    valid, coef = p.y >= 0, _token_coef(p)
     denom = denominator(p.y, p.terms, o.normalizer, p.acc) if o.reduction == "mean" else None
     with p.autocast_off():
         if o.reduction == "none" or _weights_need_grad(o):
@@ -191,10 +189,16 @@ def divergence(p: Prepared, backend: Backend) -> Tensor:
         return SinglePass.apply(plan, *plan.tensors())[0]
 
 
-def _per_token_divergence(pair: Pair, d: Divergence, backend: Backend, softcap: Optional[float] = None) -> Tensor:
+def _token_coef(p: Prepared) -> Tensor:
+    """Each token's weight in a two-head term: ``a_i`` (1 without token weights), 0 where ignored."""
+    valid, a = p.y >= 0, p.terms.token_weights
+    return valid.to(p.acc) if a is None else torch.where(valid, a, 0)
+
+
+def _per_token_divergence(pair: Pair, d: Divergence, backend: Backend) -> Tensor:
     """``D_i`` of every token of ``pair``, differentiable (the per-token path; the policy's
-    logits soft-capped with ``softcap``, an anchor's)."""
-    plan = PairPlan(pair, backend, DivergenceBlock(d, softcap=softcap))
+    logits soft-capped with its head's ``softcap``, as an anchored loss's are)."""
+    plan = PairPlan(pair, backend, DivergenceBlock(d, softcap=pair.policy.softcap))
     return Recompute.apply(plan, *plan.tensors())[0]
 
 
