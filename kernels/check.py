@@ -34,7 +34,7 @@ _INDEX = {"y", "amax_i_out", "argmax_out"}
 _SCALARS = {"N": "i32", "V": "i32", "gap": "i32", "D": "i32", "tiles_per_split": "i32", "stride_o": "i64", "stride_dz": "i64",
             "stride_a": "i64",
             "softcap": "fp32", "filter_eps": "fp32"}
-_FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, TOPK=TILE_TOPK, K_PAD=TILE_TOPK, HAS_GLSE=True, HAS_GS=True,
+_FLAGS = dict(HAS_BIAS=True, HAS_C=True, SOFTCAP=True, HAS_GLSE=True, HAS_GS=True,
               DENSE_GZY=True, DENSE_GZ=True, NEED_DX=True, NEED_DW=True, NEED_DB=True, FILTER=False,
               HAS_S=True, HAS_Z=True, ARGMAX=True, HAS_GZY=True, HAS_GZ=True, UPCAST=False, DOT_PREC="tf32",
               WANT_A=True, WANT_O=True)

@@ -28,14 +28,14 @@ from typing import Optional
 import torch
 
 from sftkey.core.divergence import KL_KINDS
-from sftkey.kernels.configs import KERNEL_DTYPES, RowConfig, known_gpu, row_config
+from sftkey.kernels.configs import RowConfig, known_gpu, row_config
 from sftkey.kernels.pair_rows import kl_rows
 from sftkey.kernels.rows import row_grads, row_stats
 
 from .engine import BlockLoss, Head, Needs, Reads, RowStats, SinglePassResult, run
 from .products import LOWP_DTYPES, float32_output
 from .torch import group_budget, operand
-from .triton_fused import FusedTritonBackend, check_inputs, or_torch
+from .triton_fused import FusedTritonBackend, check_dtype, check_inputs, or_torch
 
 
 def logits_dtype(x: torch.Tensor) -> torch.dtype:
@@ -87,9 +87,7 @@ class TritonBackend(FusedTritonBackend):
         where the kernels have launch settings for ``device``; None for the JSD (torch)."""
         if kind not in KL_KINDS or not known_gpu(device):
             return None
-        if dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {dtype}; "
-                            "use backend='torch' for float64")
+        check_dtype(dtype)
         cfg = self.row_config or row_config(device)
 
         def rows(z, r, g, want_dz, want_dr):

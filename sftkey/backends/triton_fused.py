@@ -26,12 +26,17 @@ from sftkey.kernels.forward import forward
 from .engine import MAX_TOPK, Backend, Head, Needs, RowStats, StatGrads
 from .torch import TorchBackend
 
+def check_dtype(dtype: torch.dtype) -> None:
+    """The kernels take the dtypes of :data:`KERNEL_DTYPES`."""
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {dtype}; "
+                        "use backend='torch' for float64")
+
+
 def check_inputs(head: Head) -> None:
     """The kernels' inputs: one dtype of :data:`KERNEL_DTYPES`, contiguous tensors."""
     x, w = head.x, head.w
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {x.dtype}; "
-                        "use backend='torch' for float64")
+    check_dtype(x.dtype)
     if w.dtype != x.dtype or (head.b is not None and head.b.dtype != x.dtype):
         raise TypeError(f"backend='triton': hidden ({x.dtype}), weight ({w.dtype}) and bias must share a dtype")
     for name, t in (("hidden", x), ("weight", w), ("bias", head.b), ("targets", head.y),
